@@ -1,0 +1,30 @@
+# Two commands from a fresh checkout: `make run` (demo) and `make test` (whole suite).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test install clean-runs help
+
+help:
+	@echo "make run    - install into $(VENV) if needed, train erm and clean_only on noisy digits, print results"
+	@echo "make test   - install into $(VENV) if needed, run the whole test suite"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/metacorrect compare configs/digits_demo.yaml --methods erm,clean_only
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+clean-runs:
+	rm -rf runs mlruns data

@@ -1,0 +1,3 @@
+from metacorrect.cli import main
+
+raise SystemExit(main())

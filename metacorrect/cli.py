@@ -1,0 +1,134 @@
+"""`metacorrect` command line: run, compare, data prepare, data inspect."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+import yaml
+
+EPILOG = """examples:
+  metacorrect run configs/digits_demo.yaml
+  metacorrect run configs/digits_demo.yaml --set method.name=clean_only --set train.epochs=5
+  metacorrect compare configs/digits_demo.yaml --methods erm,clean_only
+  metacorrect data prepare digits --noise symmetric:0.6 --clean-per-class 10 --seed 0 --out data/digits-sym60
+  metacorrect data inspect data/digits-sym60
+"""
+
+NOISE_HELP = ("label noise: none | symmetric:RATE[:uniform][:exact] | pair:RATE[:cifar10|cifar100|map=2>0;3>5]"
+              "[:exact] | instance:RATE. symmetric flips to another class (uniform: may keep the class); "
+              "default draws each label from T ('sampled'), :exact corrupts exactly round(RATE*n)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="metacorrect", description="Meta-learning for noisy labels on Ray, "
+                                     "tracked in MLflow.", epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add_config_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("config", help="experiment YAML (see configs/)")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config field by its dotted name, e.g. optim.lr=0.1 (repeatable)")
+        p.add_argument("--quiet", action="store_true", help="no progress output")
+
+    p_run = sub.add_parser("run", help="train one method on Ray Train and track it in MLflow",
+                           description="Train one method. A run with a fixed --name (tracking.run_name) "
+                           "resumes from its last checkpoint when started again.")
+    add_config_args(p_run)
+    p_run.add_argument("--name", help="run name (same name = resume); default: unique per run")
+
+    p_cmp = sub.add_parser("compare", help="run one config under several methods and print one table")
+    add_config_args(p_cmp)
+    p_cmp.add_argument("--methods", required=True, help="comma-separated method names, e.g. erm,clean_only")
+
+    p_data = sub.add_parser("data", help="prepare and inspect data sets")
+    data_sub = p_data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    p_prep = data_sub.add_parser("prepare", help="turn a source into the canonical parquet data set",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p_prep.add_argument("source", help="source name (digits, synthetic)")
+    p_prep.add_argument("--out", required=True, help="output directory (appears only when complete)")
+    p_prep.add_argument("--noise", default="none", help=NOISE_HELP)
+    p_prep.add_argument("--clean-per-class", type=int, default=10, help="clean (meta) images per class")
+    p_prep.add_argument("--val-per-class", type=int, default=20, help="clean validation images per class")
+    p_prep.add_argument("--test-fraction", type=float, default=0.2,
+                        help="held-out test fraction for sources without a test split")
+    p_prep.add_argument("--seed", type=int, default=0, help="seed of the splits and the noise")
+    p_prep.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="source option, e.g. n=100000, image_size=64 for synthetic (repeatable)")
+    p_prep.add_argument("--overwrite", action="store_true", help="replace an existing data set")
+    p_prep.add_argument("--quiet", action="store_true")
+    p_insp = data_sub.add_parser("inspect", help="counts per split, actual noise rate, transition matrix")
+    p_insp.add_argument("directory")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from metacorrect.config import ConfigError
+    from metacorrect.datasets.contract import DataError
+    from metacorrect.datasets.noise import NoiseSpecError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except (ConfigError, DataError, NoiseSpecError) as e:
+        for line in str(e).splitlines():
+            print(f"error: {line}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "data":
+        if args.data_command == "prepare":
+            from metacorrect.datasets.prepare import prepare
+
+            prepare(args.source, args.out, noise=args.noise, clean_per_class=args.clean_per_class,
+                    val_per_class=args.val_per_class, test_fraction=args.test_fraction, seed=args.seed,
+                    options=_options(args.option), overwrite=args.overwrite, progress=not args.quiet)
+            return 0
+        from metacorrect.datasets.inspect import inspect_dataset
+
+        print(inspect_dataset(args.directory))
+        return 0
+
+    from metacorrect.config import ExperimentConfig
+
+    overrides = list(args.overrides)
+    if args.command == "run" and args.name:
+        overrides.append(f"tracking.run_name={args.name}")
+    cfg = ExperimentConfig.from_yaml(args.config, overrides)  # validates before anything starts
+    from metacorrect.platform.results import format_table, where
+    from metacorrect.platform.trainer import RunFailed, run
+
+    try:
+        if args.command == "run":
+            results = [run(cfg, progress=not args.quiet)]
+        else:
+            names = [m.strip() for m in args.methods.split(",") if m.strip()]
+            configs = [cfg.for_method(m) for m in names]  # all validated up front
+            results = [run(c, progress=not args.quiet) for c in configs]
+    except RunFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print()
+    print(format_table(results))
+    print()
+    for r in results:
+        print(f"{r.method}: run {r.run_name}, MLflow run id {r.mlflow_run_id}, checkpoint {r.checkpoint_path}")
+    print(where(results[0].tracking_uri))
+    return 0
+
+
+def _options(items: list[str]) -> dict[str, Any]:
+    from metacorrect.config import ConfigError
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--option {item!r}: expected KEY=VALUE, e.g. n=100000")
+        out[key.strip()] = yaml.safe_load(value)
+    return out

@@ -1,0 +1,399 @@
+"""Typed experiment configuration: dataclasses, YAML in/out, `a.b=c` overrides, validation.
+
+Every problem is reported as one line naming the dotted field and what was expected, and all
+problems of a config are reported together, before anything (Ray, MLflow, data) is started.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; `problems` holds one line per problem."""
+
+    def __init__(self, problems: list[str] | str):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+@dataclass
+class PrepareConfig:
+    """How the data set at `data.path` is made when it does not exist yet."""
+
+    source: str = "digits"
+    noise: str = "symmetric:0.6"
+    clean_per_class: int = 10
+    val_per_class: int = 20
+    test_fraction: float = 0.2  # only for sources without a test split of their own
+    seed: int = 0
+    options: dict[str, Any] = field(default_factory=dict)  # source-specific, e.g. synthetic n / image_size
+
+    def validate(self) -> list[str]:
+        from metacorrect.datasets.noise import NoiseSpecError, parse_noise
+        from metacorrect.datasets.sources import SOURCES
+
+        problems = []
+        if self.source not in SOURCES:
+            problems.append(f"data.prepare.source: unknown source '{self.source}' "
+                            f"(expected one of {', '.join(sorted(SOURCES))})")
+        try:
+            parse_noise(self.noise)
+        except NoiseSpecError as e:
+            problems.append(f"data.prepare.noise: {e}")
+        if self.clean_per_class < 0:
+            problems.append(f"data.prepare.clean_per_class: must be >= 0, got {self.clean_per_class}")
+        if self.val_per_class < 0:
+            problems.append(f"data.prepare.val_per_class: must be >= 0, got {self.val_per_class}")
+        if not 0.0 < self.test_fraction < 1.0:
+            problems.append(f"data.prepare.test_fraction: must be in (0, 1), got {self.test_fraction}")
+        return problems
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None  # prepared data set directory; default: data/<name derived from prepare>
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    augment: str = "none"  # none | shift | crop_flip (random, on the worker's device, training batches only)
+    shuffle_buffer: int = 4096  # rows in each worker's local shuffle buffer
+    cache_mb: int = 1024  # splits that fit (decoded) are kept in Ray's object store instead of re-read each epoch
+    deterministic: bool = False  # preserve block order so seeded runs repeat exactly (slower at scale)
+
+    def validate(self) -> list[str]:
+        problems = []
+        if self.augment not in ("none", "shift", "crop_flip"):
+            problems.append(f"data.augment: expected one of none, shift, crop_flip, got '{self.augment}'")
+        if self.cache_mb < 0:
+            problems.append(f"data.cache_mb: must be >= 0, got {self.cache_mb}")
+        if self.shuffle_buffer < 0:
+            problems.append(f"data.shuffle_buffer: must be >= 0, got {self.shuffle_buffer}")
+        return problems
+
+    def resolved_path(self) -> Path:
+        if self.path:
+            return Path(self.path).expanduser().resolve()
+        p = self.prepare
+        noise = p.noise.replace(":", "-").replace(";", "_").replace(">", "to").replace("=", "")
+        return Path("data", f"{p.source}-{noise}-clean{p.clean_per_class}-seed{p.seed}").resolve()
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "small_cnn"  # small_cnn | mlp | resnet18 | resnet34 | resnet50 (+ _cifar for the 3x3 stem)
+    width: int = 32  # base channels / hidden units of the small models
+    pretrained: str | None = None  # path to a torchvision state dict (no downloads)
+
+    def validate(self) -> list[str]:
+        from metacorrect.methods.backbones import ARCHS
+
+        problems = []
+        if self.arch not in ARCHS:
+            problems.append(f"model.arch: unknown architecture '{self.arch}' (expected one of {', '.join(ARCHS)})")
+        if self.width < 1:
+            problems.append(f"model.width: must be >= 1, got {self.width}")
+        if self.pretrained and not Path(self.pretrained).expanduser().is_file():
+            problems.append(f"model.pretrained: file not found: {self.pretrained}")
+        return problems
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    schedule: str = "cosine"  # constant | cosine | multistep (stepped once per epoch)
+    milestones: list[int] = field(default_factory=list)  # epochs, for multistep
+    gamma: float = 0.1
+
+    def validate(self) -> list[str]:
+        problems = []
+        if self.lr <= 0:
+            problems.append(f"optim.lr: must be > 0, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            problems.append(f"optim.momentum: must be in [0, 1), got {self.momentum}")
+        if self.weight_decay < 0:
+            problems.append(f"optim.weight_decay: must be >= 0, got {self.weight_decay}")
+        if self.schedule not in ("constant", "cosine", "multistep"):
+            problems.append(f"optim.schedule: expected constant, cosine or multistep, got '{self.schedule}'")
+        if self.nesterov and self.momentum == 0:
+            problems.append("optim.nesterov: needs momentum > 0")
+        return problems
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 64  # global noisy batch per step, split evenly over workers
+    clean_batch_size: int = 32  # global clean (meta) batch per step
+    eval_batch_size: int = 512
+    seed: int = 0
+    eval_noisy_train: bool = True  # per-epoch label recovery of the model on the noisy set
+
+    def validate(self) -> list[str]:
+        problems = []
+        for name in ("epochs", "batch_size", "clean_batch_size", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                problems.append(f"train.{name}: must be >= 1, got {getattr(self, name)}")
+        return problems
+
+
+@dataclass
+class ResourcesConfig:
+    num_workers: int = 2  # Ray Train workers; 0 runs the loop in the driver (debugging)
+    use_gpu: bool = False
+    cpus_per_worker: float | None = None  # None: share the cluster's CPUs, leaving `data_cpus` to Ray Data
+    data_cpus: float = 1.0  # CPUs left free for Ray Data's decode/augment tasks when sharing
+    max_failures: int = 2  # worker-group restarts from the last checkpoint
+
+    def validate(self) -> list[str]:
+        problems = []
+        if self.num_workers < 0:
+            problems.append(f"resources.num_workers: must be >= 0, got {self.num_workers}")
+        if self.cpus_per_worker is not None and self.cpus_per_worker <= 0:
+            problems.append(f"resources.cpus_per_worker: must be > 0, got {self.cpus_per_worker}")
+        if self.data_cpus < 0:
+            problems.append(f"resources.data_cpus: must be >= 0, got {self.data_cpus}")
+        if self.max_failures < -1:
+            problems.append(f"resources.max_failures: must be >= -1 (-1 = unlimited), got {self.max_failures}")
+        return problems
+
+
+@dataclass
+class TrackingConfig:
+    uri: str | None = None  # MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlruns/mlflow.db
+    experiment: str = "metacorrect"
+    run_name: str | None = None  # fixed name: a second run with it resumes from its last checkpoint
+    storage_path: str = "runs"  # checkpoints and Ray Train state (shared storage on a cluster)
+    log_model: bool = True
+
+
+@dataclass
+class MethodConfig:
+    """Base of every method's config; each method subclasses it with its own fields."""
+
+    name: str = "erm"
+
+    def validate(self) -> list[str]:
+        return []
+
+
+@dataclass
+class ExperimentConfig:
+    method: MethodConfig = field(default_factory=MethodConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ExperimentConfig:
+        """Build and validate; raises ConfigError listing every problem."""
+        problems: list[str] = []
+        raw = dict(raw or {})
+        method_raw = raw.pop("method", None) or {}
+        if isinstance(method_raw, str):
+            method_raw = {"name": method_raw}
+        method = _build_method(method_raw, problems)
+        cfg = _build(cls, raw, "", problems, skip={"method"})
+        if cfg is not None and method is not None:
+            cfg.method = method
+            problems.extend(cfg.problems())
+        if problems:
+            raise ConfigError(problems)
+        return cfg
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        return cls.from_dict(apply_overrides(raw, overrides or []))
+
+    def with_overrides(self, overrides: list[str]) -> ExperimentConfig:
+        return ExperimentConfig.from_dict(apply_overrides(self.to_dict(), overrides))
+
+    def for_method(self, name: str) -> ExperimentConfig:
+        """The same experiment under another method: method fields the new method also has are kept."""
+        from metacorrect.methods import METHODS
+
+        if name not in METHODS:
+            raise ConfigError(f"method.name: unknown method '{name}' (expected one of {', '.join(sorted(METHODS))})")
+        known = {f.name for f in dataclasses.fields(METHODS[name].config_class)}
+        raw = self.to_dict()
+        raw["method"] = {k: v for k, v in raw["method"].items() if k in known} | {"name": name}
+        return ExperimentConfig.from_dict(raw)
+
+    # ---- output ---------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted key -> value, for MLflow params and Tune search spaces."""
+        return _flatten(self.to_dict())
+
+    def problems(self) -> list[str]:
+        problems = []
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            problems.extend(section.validate() if hasattr(section, "validate") else [])
+        problems.extend(self.data.prepare.validate())
+        t, r = self.train, self.resources
+        workers = max(1, r.num_workers)
+        for name in ("batch_size", "clean_batch_size"):
+            value = getattr(t, name)
+            if value >= 1 and value % workers:
+                problems.append(f"train.{name}: {value} is not divisible by resources.num_workers={workers}")
+        return problems
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` strings; values are parsed as YAML scalars/lists ("0.1", "true", "[1,2]")."""
+    raw = _deepcopy(raw)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. optim.lr=0.1")
+        parts = key.strip().split(".")
+        node = raw
+        for part in parts[:-1]:
+            child = node.get(part)
+            if isinstance(child, str) and part == "method":
+                child = {"name": child}
+            if child is None:
+                child = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {key}: '{part}' is a value, not a section")
+            node[part] = child
+            node = child
+        try:
+            node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError:
+            node[parts[-1]] = value
+    return raw
+
+
+def _build_method(raw: dict[str, Any], problems: list[str]) -> MethodConfig | None:
+    from metacorrect.methods import METHODS
+
+    if not isinstance(raw, dict):
+        problems.append("method: expected a section with at least 'name'")
+        return None
+    name = raw.get("name", "erm")
+    if name not in METHODS:
+        problems.append(f"method.name: unknown method '{name}' (expected one of {', '.join(sorted(METHODS))})")
+        return None
+    return _build(METHODS[name].config_class, raw, "method", problems)
+
+
+def _build(cls: type, raw: Any, path: str, problems: list[str], skip: set[str] = frozenset()):
+    if not isinstance(raw, dict):
+        problems.append(f"{path or 'config'}: expected a section (mapping), got {raw!r}")
+        return None
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        dotted = f"{path}.{key}" if path else str(key)
+        if key not in names or key in skip:
+            problems.append(f"{dotted}: unknown key (expected one of {', '.join(sorted(names - skip))})")
+            continue
+        ok, converted = _convert(hints[key], value, dotted, problems)
+        if ok:
+            kwargs[key] = converted
+    return cls(**kwargs)
+
+
+def _convert(tp: Any, value: Any, dotted: str, problems: list[str]) -> tuple[bool, Any]:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        built = _build(tp, value, dotted, problems)
+        return built is not None, built
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return True, None
+        for arg in args:
+            if arg is type(None):
+                continue
+            sub: list[str] = []
+            ok, converted = _convert(arg, value, dotted, sub)
+            if ok and not sub:
+                return True, converted
+        problems.append(f"{dotted}: expected {_type_name(tp)}, got {value!r}")
+        return False, None
+    if origin is list:
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, list):
+            problems.append(f"{dotted}: expected a list, got {value!r}")
+            return False, None
+        items = [_convert(item_tp, v, f"{dotted}[{i}]", problems) for i, v in enumerate(value)]
+        return all(ok for ok, _ in items), [v for _, v in items]
+    if origin is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{dotted}: expected a mapping, got {value!r}")
+            return False, None
+        return True, dict(value)
+    if tp is Any:
+        return True, value
+    if tp is bool:
+        if isinstance(value, bool):
+            return True, value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return True, value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return True, value
+    problems.append(f"{dotted}: expected {_type_name(tp)}, got {value!r}")
+    return False, None
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    return {type(None): "null"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _deepcopy(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _deepcopy(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_deepcopy(v) for v in d]
+    return d

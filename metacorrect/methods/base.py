@@ -1,0 +1,74 @@
+"""The method interface (DESIGN.md "Methods"): one training iteration on a noisy and a clean batch.
+
+A method sees ids, inputs and the labels it may use; true labels never reach it (the platform keeps
+them for metrics). Gradients go through `self.collective`, so a method is written once for 1..N workers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from metacorrect.config import ExperimentConfig, MethodConfig
+
+
+@dataclass
+class Batch:
+    ids: Tensor  # int64 dense ids of the split (noisy ids index per-sample state)
+    x: Tensor  # model input, float (N, C, H, W), on the training device
+    label: Tensor  # int64 labels the method may use: noisy in noisy_train, clean elsewhere
+    weight: float  # rows that count towards averages: len(ids), or 0 for a stand-in batch
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+class Method:
+    """Base class; subclasses set `name`, `config_class` and implement `step`."""
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[MethodConfig]] = MethodConfig
+
+    def __init__(self, cfg: ExperimentConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 num_classes: int, num_noisy: int, collective: Any):
+        self.cfg = cfg
+        self.mcfg = cfg.method
+        self.model = model
+        self.optimizer = optimizer
+        self.num_classes = num_classes
+        self.num_noisy = num_noisy
+        self.collective = collective
+
+    def step(self, noisy: Batch, clean: Batch) -> dict[str, float]:
+        raise NotImplementedError
+
+    def soft_labels(self, noisy: Batch) -> Tensor:
+        """What the method now believes the labels of `noisy` are, (N, C) rows summing to 1."""
+        return nn.functional.one_hot(noisy.label, self.num_classes).float()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    # ---- shared pieces ----------------------------------------------------------------------------
+    def optimizer_step(self, loss: Tensor, weight: float) -> None:
+        """Backward, average gradients over workers weighted by rows that count, one optimizer step."""
+        self.optimizer.zero_grad(set_to_none=False)
+        loss.backward()
+        self.collective.weighted_mean_(grads_of(self.model), weight)
+        self.optimizer.step()
+
+
+def grads_of(model: nn.Module) -> list[Tensor]:
+    """Every trainable parameter's gradient (zeros where autograd produced none), same order on every worker."""
+    out = []
+    for p in model.parameters():
+        if p.requires_grad:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            out.append(p.grad)
+    return out

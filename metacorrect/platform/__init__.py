@@ -1,0 +1,1 @@
+"""Ray Train loop, checkpoints, collectives, MLflow tracking."""

@@ -1,0 +1,89 @@
+"""Worker-side batches: Ray Data shards -> `Batch` on the device, in lockstep across workers.
+
+Shards are split without dropping rows, so workers can hold different numbers of batches. Every
+collective needs every worker, so a worker whose shard is exhausted keeps stepping with a stand-in
+batch of weight 0 until all are done: every noisy id is seen exactly once per epoch.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+from metacorrect.datasets.stream import augment_images, to_model_input
+from metacorrect.methods.base import Batch
+from metacorrect.platform.collective import Collective
+
+
+@dataclass
+class Normaliser:
+    mean: Tensor
+    std: Tensor
+
+    @classmethod
+    def from_meta(cls, meta, device: torch.device) -> Normaliser:
+        return cls(torch.tensor(meta.pixel_mean, device=device), torch.tensor(meta.pixel_std, device=device))
+
+    def __call__(self, images: Tensor) -> Tensor:
+        return to_model_input(images, self.mean, self.std)
+
+
+def to_batch(raw: dict[str, Tensor], norm: Normaliser, augment: str = "none") -> tuple[Batch, Tensor]:
+    """(what the method may see, the true labels kept back for metrics)."""
+    ids = raw["id"]
+    x = norm(augment_images(raw["image"], augment))
+    return Batch(ids=ids, x=x, label=raw["label"], weight=float(len(ids))), raw["true_label"]
+
+
+def iterate(shard, batch_size: int, device: torch.device, shuffle_buffer: int = 0, seed: int | None = None,
+            drop_last: bool = False) -> Iterator[dict[str, Tensor]]:
+    kwargs = {}
+    if shuffle_buffer > 0:
+        kwargs = {"local_shuffle_buffer_size": shuffle_buffer, "local_shuffle_seed": seed}
+    return shard.iter_torch_batches(batch_size=batch_size, device=device, drop_last=drop_last,
+                                    prefetch_batches=2, **kwargs)
+
+
+def lockstep(batches: Iterator[tuple[Batch, Tensor]], collective: Collective,
+             fallback: Batch) -> Iterator[tuple[Batch, Tensor | None]]:
+    """Yield this worker's batches until every worker is out; stand-ins (weight 0) fill the gap."""
+    last: Batch | None = None
+    it = iter(batches)
+    while True:
+        item = next(it, None)
+        if not collective.any(item is not None):
+            return
+        if item is None:
+            yield replace(last or fallback, weight=0.0), None
+        else:
+            last = item[0]
+            yield item
+
+
+class CleanCycle:
+    """Endless clean (meta) batches from this worker's full copy of the clean set, reshuffled every pass."""
+
+    def __init__(self, shard, batch_size: int, device: torch.device, norm: Normaliser, num_rows: int, seed: int,
+                 augment: str = "none"):
+        self.shard, self.batch_size, self.device, self.norm, self.augment = shard, batch_size, device, norm, augment
+        self.drop_last = num_rows >= batch_size
+        self.seed = seed
+        self.passes = 0
+        self._it: Iterator | None = None
+
+    def __next__(self) -> Batch:
+        for _ in range(2):
+            if self._it is None:
+                self._it = iter(iterate(self.shard, self.batch_size, self.device, shuffle_buffer=4096,
+                                        seed=self.seed + self.passes, drop_last=self.drop_last))
+                self.passes += 1
+            raw = next(self._it, None)
+            if raw is not None:
+                return to_batch(raw, self.norm, self.augment)[0]
+            self._it = None
+        raise RuntimeError("the clean (meta) split is empty; prepare the data set with --clean-per-class > 0")
+
+    def state(self) -> dict[str, int]:
+        return {"passes": self.passes}

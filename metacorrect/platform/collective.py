@@ -1,0 +1,87 @@
+"""Averaging and gathering across Ray Train workers; every operation is a no-op on one worker.
+
+Workers may hold different numbers of rows in a step (uneven shards, a stand-in batch when a
+worker's shard is exhausted), so means are weighted by the rows that count: the result equals what
+one worker would compute on the concatenated batch.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+
+class Collective:
+    def __init__(self, world_size: int = 1, rank: int = 0, device: torch.device | str = "cpu"):
+        self.world_size = world_size
+        self.rank = rank
+        self.device = torch.device(device)
+
+    @classmethod
+    def from_process_group(cls, device: torch.device) -> Collective:
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_world_size(), dist.get_rank(), device)
+        return cls(1, 0, device)
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def weighted_mean_(self, tensors: list[Tensor], weight: float) -> float:
+        """In place: t <- sum_k w_k t_k / sum_k w_k over workers (one all-reduce). Returns sum_k w_k."""
+        if not self.distributed:
+            return float(weight)
+        flat = torch.cat([t.reshape(-1) for t in tensors] + [torch.ones(1, device=tensors[0].device)])
+        flat.mul_(weight)
+        dist.all_reduce(flat)
+        total = float(flat[-1])
+        if total > 0:
+            flat.div_(total)
+        offset = 0
+        for t in tensors:
+            n = t.numel()
+            t.copy_(flat[offset:offset + n].view_as(t))
+            offset += n
+        return total
+
+    def sum(self, tensor: Tensor) -> Tensor:
+        if self.distributed:
+            tensor = tensor.clone()
+            dist.all_reduce(tensor)
+        return tensor
+
+    def all_gather(self, tensor: Tensor) -> Tensor:
+        """Concatenate every worker's tensor along dim 0 (sizes may differ), in rank order."""
+        if not self.distributed:
+            return tensor
+        size = torch.tensor([tensor.shape[0]], device=tensor.device)
+        sizes = [torch.zeros_like(size) for _ in range(self.world_size)]
+        dist.all_gather(sizes, size)
+        longest = int(max(s.item() for s in sizes))
+        padded = torch.zeros((longest, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+        padded[: tensor.shape[0]] = tensor
+        out = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(out, padded)
+        return torch.cat([o[: int(s.item())] for o, s in zip(out, sizes)])
+
+    def broadcast_(self, tensors: list[Tensor], src: int = 0) -> None:
+        if self.distributed:
+            for t in tensors:
+                dist.broadcast(t, src)
+
+    def any(self, flag: bool) -> bool:
+        """True if `flag` is true on any worker."""
+        if not self.distributed:
+            return flag
+        return bool(self.sum(torch.tensor([float(flag)], device=self.device)).item() > 0)
+
+    def sync_module_(self, module: nn.Module) -> None:
+        """Make replicas identical: parameters from rank 0, float buffers (BN running stats) averaged."""
+        if not self.distributed:
+            return
+        with torch.no_grad():
+            self.broadcast_(list(module.parameters()))
+        buffers = [b for b in module.buffers() if b.is_floating_point()]
+        if buffers:
+            self.weighted_mean_(buffers, 1.0)
+        self.broadcast_([b for b in module.buffers() if not b.is_floating_point()])

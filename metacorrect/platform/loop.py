@@ -1,0 +1,160 @@
+"""The per-worker training loop that every Ray Train worker runs (and `num_workers: 0` runs in the driver)."""
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import ray.data
+import ray.train
+import ray.train.torch
+import torch
+
+from metacorrect.config import ExperimentConfig
+from metacorrect.datasets.contract import read_meta
+from metacorrect.methods import METHODS
+from metacorrect.methods.backbones import build_backbone
+from metacorrect.platform import checkpoint as ckpt
+from metacorrect.platform import quiet, tracking
+from metacorrect.platform.batches import CleanCycle, Normaliser, iterate, lockstep, to_batch
+from metacorrect.platform.collective import Collective
+from metacorrect.platform.evaluate import evaluate
+
+
+@dataclass
+class RunContext:
+    """What the driver resolved for the workers (absolute paths and URIs: workers run in other cwds)."""
+
+    data_dir: str
+    tracking_uri: str
+    mlflow_run_id: str
+    torch_threads: int
+
+
+def make_optimizer(cfg: ExperimentConfig, model: torch.nn.Module):
+    o = cfg.optim
+    optimizer = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum,
+                                weight_decay=o.weight_decay, nesterov=o.nesterov)
+    if o.schedule == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, cfg.train.epochs))
+    elif o.schedule == "multistep":
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=o.milestones, gamma=o.gamma)
+    else:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    return optimizer, scheduler
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    cfg = ExperimentConfig.from_dict(loop_config["experiment"])
+    run = RunContext(**loop_config["run"])
+    torch.set_num_threads(run.torch_threads)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    quiet.quiet_this_process()
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    collective = Collective.from_process_group(device)
+    meta = read_meta(run.data_dir)
+    norm = Normaliser.from_meta(meta, device)
+
+    seed = cfg.train.seed
+    torch.manual_seed(seed)  # same initial weights on every worker (then made identical by sync)
+    model = build_backbone(cfg.model.arch, meta.num_classes, meta.image_shape, cfg.model.width,
+                           cfg.model.pretrained).to(device)
+    collective.sync_module_(model)
+    optimizer, scheduler = make_optimizer(cfg, model)
+    method = METHODS[cfg.method.name](cfg, model, optimizer, meta.num_classes, meta.counts["noisy_train"], collective)
+
+    start_epoch, best = 0, {}
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as d:
+            state = ckpt.load_state(d, device)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        method.load_state_dict(state["method"])
+        start_epoch, best = state["epoch"], state.get("best", {})
+        if rank == 0:
+            print(f"[metacorrect] resumed from the checkpoint of epoch {start_epoch}")
+
+    local_bs = cfg.train.batch_size // world
+    clean = CleanCycle(ray.train.get_dataset_shard("clean"), cfg.train.clean_batch_size // world, device, norm,
+                       meta.counts["clean_train"], seed=seed * 7919 + rank * 104729, augment=cfg.data.augment)
+    noisy_shard = ray.train.get_dataset_shard("noisy")
+    for epoch in range(start_epoch, cfg.train.epochs):
+        _seed_everything(seed + 1000 * epoch + rank)  # per epoch, so a resumed run repeats the same draws
+        started = time.time()
+        model.train()
+        sums: dict[str, float] = {}
+        weight = 0.0
+        steps = 0
+        batches = (to_batch(raw, norm, cfg.data.augment) for raw in iterate(
+            noisy_shard, local_bs, device, cfg.data.shuffle_buffer, seed=seed * 1000 + epoch * 31 + rank))
+        for noisy, _true in lockstep(batches, collective, fallback=next(clean)):
+            out = method.step(noisy, next(clean))
+            steps += 1
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0.0) + v * noisy.weight
+            weight += noisy.weight
+        scheduler.step()
+        collective.sync_module_(model)  # identical BN running stats on every replica before eval/checkpoint
+
+        keys = sorted(sums)
+        totals = collective.sum(torch.tensor([sums[k] for k in keys] + [weight], dtype=torch.float64, device=device))
+        metrics: dict[str, float] = {k: float(v) / max(float(totals[-1]), 1.0) for k, v in zip(keys, totals[:-1])}
+        seen = int(totals[-1])
+        train_time = time.time() - started
+        metrics |= evaluate(model, ray.train.get_dataset_shard("val"), norm, collective,
+                            cfg.train.eval_batch_size, device, "val")
+        metrics |= evaluate(model, ray.train.get_dataset_shard("test"), norm, collective,
+                            cfg.train.eval_batch_size, device, "test")
+        if cfg.train.eval_noisy_train:
+            metrics |= evaluate(model, ray.train.get_dataset_shard("noisy_eval"), norm, collective,
+                                cfg.train.eval_batch_size, device, "noisy", noisy_split=True)
+        if metrics.get("val_accuracy", -1.0) > best.get("best_val_accuracy", -1.0):
+            best = {"best_val_accuracy": metrics["val_accuracy"], "test_at_best_val": metrics.get("test_accuracy", math.nan),
+                    "best_epoch": epoch + 1}
+        metrics |= best
+        metrics |= {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "steps": steps,
+                    "noisy_rows_seen": seen, "epoch_time_s": time.time() - started,
+                    "train_samples_per_s": seen / max(train_time, 1e-9)}
+        _report(cfg, run, rank, epoch, metrics, model, optimizer, scheduler, method, best)
+
+
+def _report(cfg, run: RunContext, rank: int, epoch: int, metrics: dict[str, float], model, optimizer, scheduler,
+            method, best) -> None:
+    """Rank 0 logs and checkpoints; every worker calls `report` (it is a barrier)."""
+    directory = None
+    if rank == 0:
+        tracking.log_metrics(run.tracking_uri, run.mlflow_run_id, metrics, step=epoch + 1)
+        print("[metacorrect] " + _progress_line(cfg, metrics))
+        directory = ckpt.save_state({
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "method": method.state_dict(), "epoch": epoch + 1, "best": best,
+            "config": cfg.to_dict()})
+    try:
+        checkpoint = ray.train.Checkpoint.from_directory(str(directory)) if directory else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+    finally:
+        if directory:
+            ckpt.discard(directory)
+
+
+def _progress_line(cfg: ExperimentConfig, m: dict[str, float]) -> str:
+    parts = [f"epoch {int(m['epoch'])}/{cfg.train.epochs}"]
+    for key, label in (("train_loss", "loss"), ("val_accuracy", "val"), ("test_accuracy", "test"),
+                       ("noisy_recovery", "recovery")):
+        if key in m:
+            parts.append(f"{label} {m[key]:.4f}")
+    parts.append(f"{m['epoch_time_s']:.1f}s")
+    return "  ".join(parts)
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)

@@ -1,0 +1,37 @@
+"""Keep Ray's per-epoch INFO chatter (dataset executions, report calls) out of the console.
+
+Full logs still go to Ray's session log files; the console shows our one progress line per epoch
+and Ray's warnings and errors.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import yaml
+
+ENV = "RAY_DATA_LOGGING_CONFIG"
+
+
+def ray_data_console_config() -> str:
+    """Path of a Ray Data logging config whose console handler shows warnings only (for runtime_env)."""
+    from ray.data._internal.logging import DEFAULT_CONFIG
+
+    config = copy.deepcopy(DEFAULT_CONFIG)
+    config["handlers"]["console"]["level"] = "WARNING"
+    path = Path(tempfile.gettempdir()) / f"metacorrect-ray-data-logging-{os.getuid()}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def quiet_this_process() -> None:
+    # Ray Train's per-report INFO lines come from a logger named after its source file.
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    for handler in logging.getLogger("ray.data").handlers:
+        if not hasattr(handler, "baseFilename") and type(handler).__name__ != "SessionFileHandler":
+            handler.setLevel(logging.WARNING)

@@ -1,0 +1,64 @@
+"""What a run returns, the results table, and reading past runs back from MLflow."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from metacorrect.platform.tracking import resolve_tracking_uri, ui_command
+
+TABLE_COLUMNS = (
+    ("method", "method", "{}"),
+    ("test_accuracy", "test acc", "{:.4f}"),
+    ("test_at_best_val", "test@best val", "{:.4f}"),
+    ("val_accuracy", "val acc", "{:.4f}"),
+    ("noisy_recovery", "noisy: pred=true", "{:.4f}"),
+    ("noisy_fit_given", "noisy: pred=noisy label", "{:.4f}"),
+    ("epoch", "epochs", "{:.0f}"),
+    ("wall_s", "time s", "{:.0f}"),
+)
+
+
+@dataclass
+class RunResult:
+    run_name: str
+    method: str
+    metrics: dict[str, float]  # the last epoch's metrics
+    history: list[dict[str, float]]  # one row per epoch
+    mlflow_run_id: str
+    tracking_uri: str
+    checkpoint_path: str | None  # latest checkpoint (state.pt + model.pt inside)
+    run_dir: str  # Ray Train storage of this run: a new run with the same name resumes from here
+    data_dir: str
+    wall_s: float = 0.0
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def row(self) -> dict[str, Any]:
+        return {"method": self.method, **self.metrics, "wall_s": self.wall_s}
+
+    def __str__(self) -> str:
+        return format_table([self]) + "\n" + where(self.tracking_uri)
+
+
+def format_table(results: list[RunResult]) -> str:
+    rows = [r.row() for r in results]
+    cells = [[label for _, label, _ in TABLE_COLUMNS]]
+    for row in rows:
+        cells.append([fmt.format(row[key]) if row.get(key) is not None else "-" for key, _, fmt in TABLE_COLUMNS])
+    widths = [max(len(r[i]) for r in cells) for i in range(len(TABLE_COLUMNS))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def where(tracking_uri: str) -> str:
+    return f"MLflow runs: {tracking_uri}\n  open them with: {ui_command(tracking_uri)}"
+
+
+def load_results(experiment: str = "metacorrect", tracking_uri: str | None = None):
+    """All runs of an experiment as a pandas DataFrame (params.*, metrics.*, tags.*), newest first."""
+    import mlflow
+
+    uri = resolve_tracking_uri(tracking_uri)
+    mlflow.set_tracking_uri(uri)
+    return mlflow.search_runs(experiment_names=[experiment], order_by=["attributes.start_time DESC"])

@@ -1,0 +1,240 @@
+"""The driver side of a run: data ready, Ray up, MLflow run opened, `TorchTrainer.fit()`, artifacts logged."""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import ray.data
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from metacorrect.config import ConfigError, DataConfig, ExperimentConfig
+from metacorrect.datasets.contract import DataError, DatasetMeta, read_meta
+from metacorrect.datasets.noise import parse_noise
+from metacorrect.datasets.prepare import prepare
+from metacorrect.datasets.stream import decoded_bytes, open_split
+from metacorrect.platform import plots, quiet, tracking
+from metacorrect.platform.loop import RunContext, train_loop_per_worker
+from metacorrect.platform.results import RunResult
+
+SPLIT_ACROSS_WORKERS = ["noisy", "noisy_eval", "val", "test"]
+
+
+class RunFailed(RuntimeError):
+    pass
+
+
+def as_config(config: ExperimentConfig | str | Path | dict[str, Any] | None,
+              overrides: list[str] | None = None) -> ExperimentConfig:
+    if config is None:
+        config = ExperimentConfig()
+    if isinstance(config, (str, Path)):
+        return ExperimentConfig.from_yaml(config, overrides)
+    if isinstance(config, dict):
+        config = ExperimentConfig.from_dict(config)
+    return config.with_overrides(overrides) if overrides else config
+
+
+def ensure_dataset(data: DataConfig, progress: bool = True) -> tuple[Path, DatasetMeta]:
+    """The prepared data set of `data`; prepared first if the directory does not exist yet."""
+    path = data.resolved_path()
+    p = data.prepare
+    if not path.exists():
+        prepare(p.source, path, noise=p.noise, clean_per_class=p.clean_per_class, val_per_class=p.val_per_class,
+                test_fraction=p.test_fraction, seed=p.seed, options=p.options, progress=progress)
+    meta = read_meta(path)
+    if not data.path:  # a derived path must hold what `data.prepare` describes
+        expected = {"source": p.source, "noise": parse_noise(p.noise).to_string(), "seed": p.seed,
+                    "clean_per_class": p.clean_per_class, "val_per_class": p.val_per_class,
+                    "options": dict(p.options)}
+        found = {"source": meta.source, "noise": meta.noise, "seed": meta.seed, **{
+            k: meta.prepare_args.get(k) for k in ("clean_per_class", "val_per_class", "options")}}
+        diff = [f"{k}={found[k]!r} (config: {expected[k]!r})" for k in expected if found[k] != expected[k]]
+        if diff:
+            raise DataError(f"{path}: was prepared with {', '.join(diff)}; delete it or set data.path")
+    return path, meta
+
+
+def ensure_ray() -> None:
+    """Join the cluster of $RAY_ADDRESS (e.g. inside `ray job submit`), else start a local one."""
+    if not ray.is_initialized():
+        # No print patch: it echoes every worker print a second time through Ray Train's logger.
+        env = {"RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+        if not os.environ.get("RAY_ADDRESS"):
+            env[quiet.ENV] = quiet.ray_data_console_config()
+        os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+        ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level=logging.WARNING,
+                 runtime_env={"env_vars": env})
+    quiet.quiet_this_process()
+
+
+def run(config: ExperimentConfig | str | Path | dict[str, Any] | None = None,
+        overrides: list[str] | None = None, progress: bool = True) -> RunResult:
+    """Train one method on one data set on Ray Train, tracked in MLflow; resumes a run of the same name."""
+    cfg = as_config(config, overrides)
+    started = time.time()
+    data_dir, meta = ensure_dataset(cfg.data, progress)
+    if meta.counts["clean_train"] == 0 and cfg.method.name != "erm":
+        raise ConfigError(f"method.name: '{cfg.method.name}' needs clean data, but {data_dir} has no clean_train split")
+    ensure_ray()
+
+    uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
+    storage = Path(cfg.tracking.storage_path).expanduser().resolve()
+    name = cfg.tracking.run_name or (f"{cfg.method.name}-{data_dir.name}-"
+                                     f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}")
+    run_dir = storage / name
+    run_id, resumed = tracking.start_run(uri, cfg.tracking.experiment, name, run_dir,
+                                         tags={"method": cfg.method.name, "dataset": meta.name})
+    if not resumed:
+        _log_start(uri, run_id, cfg, meta, data_dir)
+    if progress:
+        print(f"[metacorrect] {'resuming' if resumed else 'starting'} run {name}: {cfg.method.name} on {meta.name} "
+              f"({meta.counts['noisy_train']} noisy, {meta.counts['clean_train']} clean), "
+              f"{cfg.resources.num_workers} worker(s)")
+
+    workers = cfg.resources.num_workers
+    cpus = _cpus_per_worker(cfg)
+    datasets = _datasets(cfg, data_dir, meta)
+    resources = {"CPU": cpus} | ({"GPU": 1} if cfg.resources.use_gpu else {})
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"experiment": cfg.to_dict(), "run": vars(RunContext(
+            data_dir=str(data_dir), tracking_uri=uri, mlflow_run_id=run_id,
+            torch_threads=max(1, math.floor(cpus))))},
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=cfg.resources.use_gpu,
+                                               resources_per_worker=resources if workers else None),
+        datasets=datasets,
+        dataset_config=ExactSplitDataConfig(SPLIT_ACROSS_WORKERS, deterministic=cfg.data.deterministic),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=str(storage),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.resources.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING")),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as e:
+        tracking.end_run(uri, run_id, "FAILED")
+        cause = getattr(e, "__cause__", None) or e
+        raise RunFailed(f"run {name} failed: {str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__}"
+                        f" (MLflow run {run_id}, Ray Train logs under {run_dir})") from e
+
+    history = _history(result)
+    checkpoint = result.checkpoint.path if result.checkpoint else None
+    out = RunResult(run_name=name, method=cfg.method.name, metrics=history[-1] if history else {}, history=history,
+                    mlflow_run_id=run_id, tracking_uri=uri, checkpoint_path=checkpoint, run_dir=str(run_dir),
+                    data_dir=str(data_dir), wall_s=time.time() - started, config=cfg.to_dict())
+    _log_end(uri, run_id, cfg, out)
+    return out
+
+
+class ExactSplitDataConfig(ray.train.DataConfig):
+    """Split datasets over workers without dropping rows.
+
+    Ray's DataConfig splits with `equal=True`, which drops up to world_size-1 rows per epoch; here
+    every row reaches exactly one worker, and `batches.lockstep` absorbs the uneven shard lengths.
+    """
+
+    def __init__(self, datasets_to_split: list[str], deterministic: bool = False):
+        options = None
+        if deterministic:  # same block order every run (exactly repeatable with one worker)
+            options = ray.train.DataConfig.default_ingest_options()
+            options.preserve_order = True
+        super().__init__(datasets_to_split=datasets_to_split, execution_options=options)
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        output = [{} for _ in range(world_size)]
+        hints = worker_node_ids if self._enable_shard_locality else None
+        for name, ds in datasets.items():
+            ds = ds.copy(ds)
+            ds.context.execution_options = self._resolve_execution_options(name)
+            if name in self._datasets_to_split:
+                for i, split in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=hints)):
+                    output[i][name] = split
+            else:
+                for i in range(world_size):
+                    output[i][name] = ds.iterator()
+        return output
+
+
+def _datasets(cfg: ExperimentConfig, data_dir: Path, meta: DatasetMeta) -> dict[str, Any]:
+    """Ray Datasets for the workers. Splits that fit `data.cache_mb` once decoded are materialised in the
+    object store: each epoch then iterates them in milliseconds instead of re-reading and re-decoding
+    (a pipeline start costs ~1-2 s here, which dominates small splits)."""
+    ray.data.DataContext.get_current().enable_progress_bars = False  # one line per epoch is ours to print
+    splits = {"noisy": "noisy_train", "clean": "clean_train", "val": "val", "test": "test"}
+    if cfg.train.eval_noisy_train:
+        splits["noisy_eval"] = "noisy_train"
+    budget = cfg.data.cache_mb * 2**20
+    cached: dict[str, Any] = {}
+    out = {}
+    for name, split in splits.items():
+        if split in cached:
+            out[name] = cached[split]
+            continue
+        ds = open_split(data_dir, split, meta, shuffle_files=name == "noisy")
+        if decoded_bytes(meta, split) <= budget:
+            budget -= decoded_bytes(meta, split)
+            ds = cached[split] = ds.materialize()
+        out[name] = ds
+    return out
+
+
+def _cpus_per_worker(cfg: ExperimentConfig) -> float:
+    r = cfg.resources
+    if r.cpus_per_worker is not None:
+        return r.cpus_per_worker
+    total = ray.cluster_resources().get("CPU", 1.0)
+    share = (total - r.data_cpus) / max(1, r.num_workers)
+    # Leave `data_cpus` to Ray Data (2 workers x 1 CPU on 2 cores would starve the stream); GPU workers
+    # mostly feed the device, so they keep one CPU and the rest goes to decoding.
+    return max(0.25, min(math.floor(share * 4) / 4, 1.0 if r.use_gpu else 8.0))
+
+
+def _history(result) -> list[dict[str, float]]:
+    df = result.metrics_dataframe
+    if df is None or df.empty:
+        return []
+    keep = [c for c in df.columns if not c.startswith(("_", "checkpoint_dir_name", "timestamp", "date"))]
+    rows = df[keep].to_dict("records")
+    return [{k: float(v) for k, v in row.items() if isinstance(v, (int, float, np.floating)) and not
+             (isinstance(v, float) and math.isnan(v))} for row in rows]
+
+
+def _log_start(uri: str, run_id: str, cfg: ExperimentConfig, meta: DatasetMeta, data_dir: Path) -> None:
+    c = tracking.client(uri)
+    tracking.log_params(uri, run_id, cfg.flat() | {"data.resolved_path": str(data_dir),
+                                                    "data.actual_noise_rate": meta.actual_noise_rate})
+    c.log_text(run_id, cfg.to_yaml(), "config.yaml")
+    c.log_text(run_id, (data_dir / "meta.json").read_text(), "data/meta.json")
+    fig = plots.transition_heatmap(np.array(meta.transition), meta.class_names,
+                                   f"noise transition T[true, noisy]: {meta.noise}")
+    c.log_figure(run_id, fig, "plots/noise_transition.png")
+    _close(fig)
+
+
+def _log_end(uri: str, run_id: str, cfg: ExperimentConfig, result: RunResult) -> None:
+    c = tracking.client(uri)
+    if result.history:
+        fig = plots.learning_curves(result.history, f"{cfg.method.name} on {Path(result.data_dir).name}")
+        c.log_figure(run_id, fig, "plots/learning_curves.png")
+        _close(fig)
+    if cfg.tracking.log_model and result.checkpoint_path:
+        model_file = Path(result.checkpoint_path) / "model.pt"
+        if model_file.is_file():
+            c.log_artifact(run_id, str(model_file), "model")
+    c.log_metric(run_id, "wall_s", result.wall_s)
+    tracking.end_run(uri, run_id, "FINISHED")
+
+
+def _close(fig) -> None:
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)

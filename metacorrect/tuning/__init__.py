@@ -1,0 +1,1 @@
+"""Ray Tune sweeps (search spaces per method, schedulers, results): see the sweeps issue."""

@@ -96,10 +96,9 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     from metacorrect.config import ExperimentConfig
 
-    overrides = list(args.overrides)
+    cfg = ExperimentConfig.from_yaml(args.config, args.overrides)  # validates before anything starts
     if args.command == "run" and args.name:
-        overrides.append(f"tracking.run_name={args.name}")
-    cfg = ExperimentConfig.from_yaml(args.config, overrides)  # validates before anything starts
+        cfg.tracking.run_name = args.name
     from metacorrect.platform.results import format_table, where
     from metacorrect.platform.trainer import RunFailed, run
 

@@ -205,8 +205,9 @@ class ExperimentConfig:
             method_raw = {"name": method_raw}
         method = _build_method(method_raw, problems)
         cfg = _build(cls, raw, "", problems, skip={"method"})
-        if cfg is not None and method is not None:
-            cfg.method = method
+        if cfg is not None:
+            if method is not None:
+                cfg.method = method
             problems.extend(cfg.problems())
         if problems:
             raise ConfigError(problems)
@@ -226,7 +227,10 @@ class ExperimentConfig:
         return cls.from_dict(apply_overrides(raw, overrides or []))
 
     def with_overrides(self, overrides: list[str]) -> ExperimentConfig:
-        return ExperimentConfig.from_dict(apply_overrides(self.to_dict(), overrides))
+        # Switching method first drops the old method's own fields, which the new one would reject.
+        names = [v for k, _, v in (o.partition("=") for o in overrides) if k.strip() == "method.name"]
+        base = self.for_method(names[-1].strip()) if names else self
+        return ExperimentConfig.from_dict(apply_overrides(base.to_dict(), overrides))
 
     def for_method(self, name: str) -> ExperimentConfig:
         """The same experiment under another method: method fields the new method also has are kept."""
@@ -367,6 +371,11 @@ def _convert(tp: Any, value: Any, dotted: str, problems: list[str]) -> tuple[boo
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return True, float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no decimal point) as a string
+            try:
+                return True, float(value)
+            except ValueError:
+                pass
     elif tp is str:
         if isinstance(value, str):
             return True, value

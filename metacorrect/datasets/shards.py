@@ -72,6 +72,9 @@ def atomic_directory(final: Path, overwrite: bool = False) -> Iterator[Path]:
     if final.exists() and not overwrite:
         raise DataError(f"{final}: already exists (pass --overwrite to replace it)")
     final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(f".tmp-{final.name}-*"):  # left by a killed prepare
+        if not _alive(stale.name.rsplit("-", 1)[-1]):
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -83,6 +86,16 @@ def atomic_directory(final: Path, overwrite: bool = False) -> Iterator[Path]:
     if final.exists():
         shutil.rmtree(final)
     os.rename(tmp, final)
+
+
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def read_split_table(directory: str | Path, split: str, columns: list[str] | None = None) -> pa.Table:

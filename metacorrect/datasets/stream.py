@@ -13,6 +13,7 @@ from metacorrect.datasets.codec import decode_images
 from metacorrect.datasets.contract import DatasetMeta, split_files
 
 AUGMENTS = ("none", "shift", "crop_flip")
+SMALL_SPLIT_FILES = 16  # below this many shards a split is re-blocked (64 MiB shards: < 1 GiB)
 
 
 def open_split(directory: str | Path, split: str, meta: DatasetMeta, shuffle_files: bool = False):
@@ -25,9 +26,14 @@ def open_split(directory: str | Path, split: str, meta: DatasetMeta, shuffle_fil
 
     files = split_files(directory, split)
     rows = meta.counts.get(split, 0)
+    block_rows = max(16, min(1024, rows // 32))
     ds = ray.data.read_parquet(files, shuffle="files" if shuffle_files else None)
-    return ds.map_batches(decode_batch, batch_format="numpy", batch_size=max(16, min(1024, rows // 32)),
-                          fn_kwargs={"encoding": meta.encoding, "shape": tuple(meta.image_shape)})
+    ds = ds.map_batches(decode_batch, batch_format="numpy", batch_size=block_rows,
+                        fn_kwargs={"encoding": meta.encoding, "shape": tuple(meta.image_shape)})
+    if len(files) < SMALL_SPLIT_FILES:
+        # A few files become a few blocks, and a split deals whole blocks to workers: cut them smaller.
+        ds = ds.repartition(target_num_rows_per_block=block_rows)
+    return ds
 
 
 def decoded_bytes(meta: DatasetMeta, split: str) -> int:

@@ -70,20 +70,22 @@ class CleanCycle:
         self.shard, self.batch_size, self.device, self.norm, self.augment = shard, batch_size, device, norm, augment
         self.drop_last = num_rows >= batch_size
         self.seed = seed
-        self.passes = 0
+        self.start_epoch(0)
+
+    def start_epoch(self, epoch: int) -> None:
+        """Restart at a pass seeded by the epoch, so a resumed run draws the same clean batches."""
+        self.epoch, self.passes = epoch, 0
         self._it: Iterator | None = None
 
     def __next__(self) -> Batch:
         for _ in range(2):
             if self._it is None:
                 self._it = iter(iterate(self.shard, self.batch_size, self.device, shuffle_buffer=4096,
-                                        seed=self.seed + self.passes, drop_last=self.drop_last))
+                                        seed=self.seed + 1000 * self.epoch + self.passes,
+                                        drop_last=self.drop_last))
                 self.passes += 1
             raw = next(self._it, None)
             if raw is not None:
                 return to_batch(raw, self.norm, self.augment)[0]
             self._it = None
         raise RuntimeError("the clean (meta) split is empty; prepare the data set with --clean-per-class > 0")
-
-    def state(self) -> dict[str, int]:
-        return {"passes": self.passes}

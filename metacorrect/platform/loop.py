@@ -68,7 +68,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     optimizer, scheduler = make_optimizer(cfg, model)
     method = METHODS[cfg.method.name](cfg, model, optimizer, meta.num_classes, meta.counts["noisy_train"], collective)
 
-    start_epoch, best = 0, {}
+    start_epoch, best, history = 0, {}, []
     restored = ray.train.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as d:
@@ -77,7 +77,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         method.load_state_dict(state["method"])
-        start_epoch, best = state["epoch"], state.get("best", {})
+        start_epoch, best, history = state["epoch"], state["best"], state["history"]
         if rank == 0:
             print(f"[metacorrect] resumed from the checkpoint of epoch {start_epoch}")
 
@@ -87,6 +87,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     noisy_shard = ray.train.get_dataset_shard("noisy")
     for epoch in range(start_epoch, cfg.train.epochs):
         _seed_everything(seed + 1000 * epoch + rank)  # per epoch, so a resumed run repeats the same draws
+        clean.start_epoch(epoch)
         started = time.time()
         model.train()
         sums: dict[str, float] = {}
@@ -122,11 +123,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         metrics |= {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "steps": steps,
                     "noisy_rows_seen": seen, "epoch_time_s": time.time() - started,
                     "train_samples_per_s": seen / max(train_time, 1e-9)}
-        _report(cfg, run, rank, epoch, metrics, model, optimizer, scheduler, method, best)
+        history.append(metrics)
+        _report(cfg, run, rank, epoch, metrics, model, optimizer, scheduler, method, best, history)
 
 
 def _report(cfg, run: RunContext, rank: int, epoch: int, metrics: dict[str, float], model, optimizer, scheduler,
-            method, best) -> None:
+            method, best, history) -> None:
     """Rank 0 logs and checkpoints; every worker calls `report` (it is a barrier)."""
     directory = None
     if rank == 0:
@@ -134,7 +136,7 @@ def _report(cfg, run: RunContext, rank: int, epoch: int, metrics: dict[str, floa
         print("[metacorrect] " + _progress_line(cfg, metrics))
         directory = ckpt.save_state({
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "method": method.state_dict(), "epoch": epoch + 1, "best": best,
+            "method": method.state_dict(), "epoch": epoch + 1, "best": best, "history": history,
             "config": cfg.to_dict()})
     try:
         checkpoint = ray.train.Checkpoint.from_directory(str(directory)) if directory else None

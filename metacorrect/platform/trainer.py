@@ -1,6 +1,7 @@
 """The driver side of a run: data ready, Ray up, MLflow run opened, `TorchTrainer.fit()`, artifacts logged."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -20,6 +21,7 @@ from metacorrect.datasets.contract import DataError, DatasetMeta, read_meta
 from metacorrect.datasets.noise import parse_noise
 from metacorrect.datasets.prepare import prepare
 from metacorrect.datasets.stream import decoded_bytes, open_split
+from metacorrect.platform import checkpoint as ckpt
 from metacorrect.platform import plots, quiet, tracking
 from metacorrect.platform.loop import RunContext, train_loop_per_worker
 from metacorrect.platform.results import RunResult
@@ -126,12 +128,14 @@ def run(config: ExperimentConfig | str | Path | dict[str, Any] | None = None,
         raise RunFailed(f"run {name} failed: {str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__}"
                         f" (MLflow run {run_id}, Ray Train logs under {run_dir})") from e
 
-    history = _history(result)
     checkpoint = result.checkpoint.path if result.checkpoint else None
-    out = RunResult(run_name=name, method=cfg.method.name, metrics=history[-1] if history else {}, history=history,
-                    mlflow_run_id=run_id, tracking_uri=uri, checkpoint_path=checkpoint, run_dir=str(run_dir),
-                    data_dir=str(data_dir), wall_s=time.time() - started, config=cfg.to_dict())
-    _log_end(uri, run_id, cfg, out)
+    with (result.checkpoint.as_directory() if result.checkpoint else contextlib.nullcontext(None)) as ckpt_dir:
+        history = ckpt.load_history(ckpt_dir) if ckpt_dir else []
+        out = RunResult(run_name=name, method=cfg.method.name, metrics=history[-1] if history else {},
+                        history=history, mlflow_run_id=run_id, tracking_uri=uri, checkpoint_path=checkpoint,
+                        run_dir=str(run_dir), data_dir=str(data_dir), wall_s=time.time() - started,
+                        config=cfg.to_dict())
+        _log_end(uri, run_id, cfg, out, ckpt_dir)
     return out
 
 
@@ -168,7 +172,9 @@ def _datasets(cfg: ExperimentConfig, data_dir: Path, meta: DatasetMeta) -> dict[
     """Ray Datasets for the workers. Splits that fit `data.cache_mb` once decoded are materialised in the
     object store: each epoch then iterates them in milliseconds instead of re-reading and re-decoding
     (a pipeline start costs ~1-2 s here, which dominates small splits)."""
-    ray.data.DataContext.get_current().enable_progress_bars = False  # one line per epoch is ours to print
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # one line per epoch is ours to print
+    context.execution_options.preserve_order = cfg.data.deterministic  # also fixes the cached block order
     splits = {"noisy": "noisy_train", "clean": "clean_train", "val": "val", "test": "test"}
     if cfg.train.eval_noisy_train:
         splits["noisy_eval"] = "noisy_train"
@@ -198,16 +204,6 @@ def _cpus_per_worker(cfg: ExperimentConfig) -> float:
     return max(0.25, min(math.floor(share * 4) / 4, 1.0 if r.use_gpu else 8.0))
 
 
-def _history(result) -> list[dict[str, float]]:
-    df = result.metrics_dataframe
-    if df is None or df.empty:
-        return []
-    keep = [c for c in df.columns if not c.startswith(("_", "checkpoint_dir_name", "timestamp", "date"))]
-    rows = df[keep].to_dict("records")
-    return [{k: float(v) for k, v in row.items() if isinstance(v, (int, float, np.floating)) and not
-             (isinstance(v, float) and math.isnan(v))} for row in rows]
-
-
 def _log_start(uri: str, run_id: str, cfg: ExperimentConfig, meta: DatasetMeta, data_dir: Path) -> None:
     c = tracking.client(uri)
     tracking.log_params(uri, run_id, cfg.flat() | {"data.resolved_path": str(data_dir),
@@ -220,14 +216,14 @@ def _log_start(uri: str, run_id: str, cfg: ExperimentConfig, meta: DatasetMeta, 
     _close(fig)
 
 
-def _log_end(uri: str, run_id: str, cfg: ExperimentConfig, result: RunResult) -> None:
+def _log_end(uri: str, run_id: str, cfg: ExperimentConfig, result: RunResult, ckpt_dir: str | None) -> None:
     c = tracking.client(uri)
     if result.history:
         fig = plots.learning_curves(result.history, f"{cfg.method.name} on {Path(result.data_dir).name}")
         c.log_figure(run_id, fig, "plots/learning_curves.png")
         _close(fig)
-    if cfg.tracking.log_model and result.checkpoint_path:
-        model_file = Path(result.checkpoint_path) / "model.pt"
+    if cfg.tracking.log_model and ckpt_dir:
+        model_file = Path(ckpt_dir) / ckpt.MODEL_FILE
         if model_file.is_file():
             c.log_artifact(run_id, str(model_file), "model")
     c.log_metric(run_id, "wall_s", result.wall_s)

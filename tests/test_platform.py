@@ -143,3 +143,15 @@ def test_resume_continues_at_next_epoch_with_the_same_state(ray_cluster, digits_
         torch.testing.assert_close(tensor, b["model"][key], msg=f"model.{key} differs after resume")
     for pid, state in a["optimizer"]["state"].items():
         torch.testing.assert_close(state["momentum_buffer"], b["optimizer"]["state"][pid]["momentum_buffer"])
+
+
+def test_local_mode_runs_in_the_driver_and_keeps_its_checkpoint(ray_cluster, digits_noisy, experiment):
+    from metacorrect.methods.backbones import build_backbone
+    from metacorrect.platform.trainer import run
+
+    result = run(experiment(digits_noisy, resources__num_workers=0, train__epochs=1), progress=False)
+    model_file = Path(result.checkpoint_path) / "model.pt"
+    assert model_file.is_file(), "num_workers=0: Ray does not copy checkpoints, so ours must stay on disk"
+    model = build_backbone("small_cnn", 10, (8, 8, 1), width=16)
+    model.load_state_dict(torch.load(model_file, weights_only=True))
+    assert result.metrics["noisy_rows_seen"] == 1138

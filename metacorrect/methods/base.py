@@ -48,6 +48,11 @@ class Method:
         """What the method now believes the labels of `noisy` are, (N, C) rows summing to 1."""
         return nn.functional.one_hot(noisy.label, self.num_classes).float()
 
+    @property
+    def corrects_labels(self) -> bool:
+        """True for methods whose `soft_labels` is more than the given labels (evaluated and exported)."""
+        return type(self).soft_labels is not Method.soft_labels
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 

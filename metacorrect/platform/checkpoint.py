@@ -14,9 +14,18 @@ MODEL_FILE = "model.pt"
 HISTORY_FILE = "history.json"
 
 
-def save_state(state: dict[str, Any]) -> Path:
-    """Write into a fresh temporary directory (Ray copies it to storage; the caller deletes it after)."""
-    directory = Path(tempfile.mkdtemp(prefix="metacorrect-ckpt-"))
+CORRECTED_FILE = "corrected_labels.parquet"
+LABEL_TRANSITION_FILE = "label_transition.json"
+
+
+def save_state(state: dict[str, Any], extras: dict[str, bytes] | None = None, root: str | None = None) -> Path:
+    """Write into a fresh directory under `root` (default: a temporary one that Ray copies to storage and the
+    caller deletes after). `extras` are further files (name -> content) that belong with this checkpoint."""
+    if root:
+        Path(root).mkdir(parents=True, exist_ok=True)
+    directory = Path(tempfile.mkdtemp(prefix=f"checkpoint_epoch{state['epoch']:04d}_", dir=root))
+    for name, content in (extras or {}).items():
+        (directory / name).write_bytes(content)
     torch.save(state, directory / STATE_FILE)
     # The bare student weights beside the full state: what users load for inference.
     torch.save(state["model"], directory / MODEL_FILE)
@@ -29,6 +38,23 @@ def load_state(directory: str | Path, device: torch.device | str = "cpu") -> dic
     return torch.load(Path(directory) / STATE_FILE, map_location=device, weights_only=False)
 
 
+def corrected_labels_parquet(rows: dict[str, Any]) -> bytes:
+    """The corrected soft labels of the whole noisy set, one row per noisy id, sorted by id."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    order = rows["id"].argsort()
+    table = pa.table({"id": rows["id"][order].cpu().numpy(),
+                      "noisy_label": rows["noisy_label"][order].cpu().numpy().astype("int16"),
+                      "corrected_label": rows["corrected_label"][order].cpu().numpy().astype("int16"),
+                      "confidence": rows["confidence"][order].cpu().numpy()})
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()
+
+
 def load_history(directory: str | Path) -> list[dict[str, float]]:
     path = Path(directory) / HISTORY_FILE
     return json.loads(path.read_text()) if path.is_file() else []
@@ -36,3 +62,9 @@ def load_history(directory: str | Path) -> list[dict[str, float]]:
 
 def discard(directory: Path) -> None:
     shutil.rmtree(directory, ignore_errors=True)
+
+
+def prune(root: str | Path, keep: int = 2) -> None:
+    """Keep the newest `keep` checkpoints written under `root` (local mode, where Ray copies nothing)."""
+    for old in sorted(Path(root).glob("checkpoint_epoch*"))[:-keep]:
+        discard(old)

@@ -64,6 +64,14 @@ class Collective:
         dist.all_gather(out, padded)
         return torch.cat([o[: int(s.item())] for o, s in zip(out, sizes)])
 
+    def union(self, names: set[str]) -> list[str]:
+        """Sorted union of every worker's names (e.g. metric keys some steps or workers did not report)."""
+        if not self.distributed:
+            return sorted(names)
+        gathered: list[set[str] | None] = [None] * self.world_size
+        dist.all_gather_object(gathered, set(names))
+        return sorted(set().union(*gathered))
+
     def broadcast_(self, tensors: list[Tensor], src: int = 0) -> None:
         if self.distributed:
             for t in tensors:

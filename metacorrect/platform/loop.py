@@ -1,6 +1,7 @@
 """The per-worker training loop that every Ray Train worker runs (and `num_workers: 0` runs in the driver)."""
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
@@ -21,7 +22,7 @@ from metacorrect.platform import checkpoint as ckpt
 from metacorrect.platform import quiet, tracking
 from metacorrect.platform.batches import CleanCycle, Normaliser, iterate, lockstep, to_batch
 from metacorrect.platform.collective import Collective
-from metacorrect.platform.evaluate import evaluate
+from metacorrect.platform.evaluate import evaluate, evaluate_corrected
 
 
 @dataclass
@@ -32,6 +33,7 @@ class RunContext:
     tracking_uri: str
     mlflow_run_id: str
     torch_threads: int
+    local_checkpoints: str | None = None  # num_workers=0: Ray keeps checkpoints where they are written
 
 
 def make_optimizer(cfg: ExperimentConfig, model: torch.nn.Module):
@@ -90,7 +92,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         clean.start_epoch(epoch)
         started = time.time()
         model.train()
-        sums: dict[str, float] = {}
+        sums: dict[str, float] = {}  # per key: sum of value x rows, and rows (keys may skip steps)
+        rows: dict[str, float] = {}
         weight = 0.0
         steps = 0
         batches = (to_batch(raw, norm, cfg.data.augment) for raw in iterate(
@@ -100,22 +103,35 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             steps += 1
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + v * noisy.weight
+                rows[k] = rows.get(k, 0.0) + noisy.weight
             weight += noisy.weight
         scheduler.step()
         collective.sync_module_(model)  # identical BN running stats on every replica before eval/checkpoint
 
-        keys = sorted(sums)
-        totals = collective.sum(torch.tensor([sums[k] for k in keys] + [weight], dtype=torch.float64, device=device))
-        metrics: dict[str, float] = {k: float(v) / max(float(totals[-1]), 1.0) for k, v in zip(keys, totals[:-1])}
+        keys = collective.union(set(sums))  # the same keys, in order, on every worker
+        totals = collective.sum(torch.tensor([sums.get(k, 0.0) for k in keys] + [rows.get(k, 0.0) for k in keys]
+                                             + [weight], dtype=torch.float64, device=device))
+        metrics: dict[str, float] = {k: float(totals[i] / totals[len(keys) + i])
+                                     for i, k in enumerate(keys) if totals[len(keys) + i] > 0}
         seen = int(totals[-1])
         train_time = time.time() - started
         metrics |= evaluate(model, ray.train.get_dataset_shard("val"), norm, collective,
                             cfg.train.eval_batch_size, device, "val")
         metrics |= evaluate(model, ray.train.get_dataset_shard("test"), norm, collective,
                             cfg.train.eval_batch_size, device, "test")
+        extras = {}
         if cfg.train.eval_noisy_train:
             metrics |= evaluate(model, ray.train.get_dataset_shard("noisy_eval"), norm, collective,
                                 cfg.train.eval_batch_size, device, "noisy", noisy_split=True)
+            if method.corrects_labels:
+                last = epoch + 1 == cfg.train.epochs
+                corrected = evaluate_corrected(method, ray.train.get_dataset_shard("noisy_eval"), norm, collective,
+                                               cfg.train.eval_batch_size, meta.num_classes, device, export=last)
+                metrics |= corrected.metrics
+                if rank == 0:
+                    extras[ckpt.LABEL_TRANSITION_FILE] = json.dumps(corrected.confusion.tolist()).encode()
+                    if corrected.rows is not None:
+                        extras[ckpt.CORRECTED_FILE] = ckpt.corrected_labels_parquet(corrected.rows)
         if metrics.get("val_accuracy", -1.0) > best.get("best_val_accuracy", -1.0):
             best = {"best_val_accuracy": metrics["val_accuracy"], "test_at_best_val": metrics.get("test_accuracy", math.nan),
                     "best_epoch": epoch + 1}
@@ -124,11 +140,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     "noisy_rows_seen": seen, "epoch_time_s": time.time() - started,
                     "train_samples_per_s": seen / max(train_time, 1e-9)}
         history.append(metrics)
-        _report(cfg, run, rank, epoch, metrics, model, optimizer, scheduler, method, best, history)
+        _report(cfg, run, rank, epoch, metrics, model, optimizer, scheduler, method, best, history, extras)
 
 
 def _report(cfg, run: RunContext, rank: int, epoch: int, metrics: dict[str, float], model, optimizer, scheduler,
-            method, best, history) -> None:
+            method, best, history, extras: dict[str, bytes]) -> None:
     """Rank 0 logs and checkpoints; every worker calls `report` (it is a barrier)."""
     directory = None
     if rank == 0:
@@ -137,13 +153,15 @@ def _report(cfg, run: RunContext, rank: int, epoch: int, metrics: dict[str, floa
         directory = ckpt.save_state({
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "method": method.state_dict(), "epoch": epoch + 1, "best": best, "history": history,
-            "config": cfg.to_dict()})
+            "config": cfg.to_dict()}, extras, root=run.local_checkpoints)
     try:
         checkpoint = ray.train.Checkpoint.from_directory(str(directory)) if directory else None
         ray.train.report(metrics, checkpoint=checkpoint)
     finally:
-        if directory:
+        if directory and not run.local_checkpoints:
             ckpt.discard(directory)
+        elif directory:
+            ckpt.prune(run.local_checkpoints)
 
 
 def _progress_line(cfg: ExperimentConfig, m: dict[str, float]) -> str:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -109,7 +110,8 @@ def run(config: ExperimentConfig | str | Path | dict[str, Any] | None = None,
         train_loop_per_worker,
         train_loop_config={"experiment": cfg.to_dict(), "run": vars(RunContext(
             data_dir=str(data_dir), tracking_uri=uri, mlflow_run_id=run_id,
-            torch_threads=max(1, math.floor(cpus))))},
+            torch_threads=max(1, math.floor(cpus)),
+            local_checkpoints=None if workers else str(run_dir / "local_checkpoints")))},
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=cfg.resources.use_gpu,
                                                resources_per_worker=resources if workers else None),
         datasets=datasets,
@@ -222,6 +224,17 @@ def _log_end(uri: str, run_id: str, cfg: ExperimentConfig, result: RunResult, ck
         fig = plots.learning_curves(result.history, f"{cfg.method.name} on {Path(result.data_dir).name}")
         c.log_figure(run_id, fig, "plots/learning_curves.png")
         _close(fig)
+    if ckpt_dir and (Path(ckpt_dir) / ckpt.LABEL_TRANSITION_FILE).is_file():
+        counts = np.array(json.loads((Path(ckpt_dir) / ckpt.LABEL_TRANSITION_FILE).read_text()))
+        rows = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+        fig = plots.transition_heatmap(rows, json.loads((Path(result.data_dir) / "meta.json").read_text())["class_names"],
+                                       f"learned labels of {cfg.method.name}: P(corrected | true)",
+                                       xlabel="corrected label")
+        c.log_figure(run_id, fig, "plots/label_transition.png")
+        _close(fig)
+        c.log_text(run_id, json.dumps(counts.tolist()), "labels/label_transition_counts.json")
+    if ckpt_dir and (Path(ckpt_dir) / ckpt.CORRECTED_FILE).is_file():
+        c.log_artifact(run_id, str(Path(ckpt_dir) / ckpt.CORRECTED_FILE), "labels")
     if cfg.tracking.log_model and ckpt_dir:
         model_file = Path(ckpt_dir) / ckpt.MODEL_FILE
         if model_file.is_file():

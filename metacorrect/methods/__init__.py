@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 from metacorrect.methods.base import Batch, Method
+from metacorrect.methods.emlc import EMLC
 from metacorrect.methods.erm import ERM, CleanOnly
+from metacorrect.methods.mlc import MLC
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (ERM, CleanOnly)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (ERM, CleanOnly, MLC, EMLC)}
 
 __all__ = ["METHODS", "Batch", "Method"]

@@ -1,0 +1,193 @@
+"""Step time and peak memory of `mlc` and `emlc` (k = 1 and 5, fast vs exact meta-gradient) relative to `erm`.
+
+One process, the same student (same seed) and the same pre-generated random batches for every row.
+Time: per-step time averaged over blocks of 5 steps (so k = 5 is amortised over its meta step), the median
+over --steps blocks after --warmup blocks. Memory: GPU torch.cuda.max_memory_allocated above what was
+allocated before the first step; CPU the peak resident set (sampled every millisecond) above the RSS
+before the first step.
+
+    python benchmarks/meta_step.py                                   # resnet18_cifar, 32x32x3, batch 64
+    python benchmarks/meta_step.py --arch small_cnn --width 16 --steps 3 --device cpu
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import os
+import statistics
+import sys
+import threading
+import time
+
+import torch
+
+from metacorrect.config import ExperimentConfig
+from metacorrect.methods import METHODS, Batch
+from metacorrect.methods.backbones import build_backbone
+from metacorrect.platform.collective import Collective
+
+BLOCK = 5  # steps per timing block: a multiple of every k measured, so meta steps are amortised
+
+ROWS = [("erm", 1, "-")] + [(name, k, mode) for name in ("mlc", "emlc") for k in (1, 5) for mode in ("fast", "exact")]
+
+
+class RSSPeak:
+    """Peak resident set size of this process while active, sampled by a thread (CPU memory)."""
+
+    def __init__(self, interval: float = 0.001):
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self._page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self._page
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss())
+            time.sleep(self.interval)
+
+    def __enter__(self) -> RSSPeak:
+        self.base = self.peak = self.rss()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.rss())
+
+
+def trim_heap() -> None:
+    """Give freed memory back to the OS between rows so each row's RSS baseline is honest (glibc only)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def make_batches(args, device: torch.device, count: int) -> list[tuple[Batch, Batch]]:
+    g = torch.Generator().manual_seed(0)
+    shape = (args.channels, args.image, args.image)
+    out = []
+    for _ in range(count):
+        noisy = Batch(torch.arange(args.batch), torch.randn(args.batch, *shape, generator=g).to(device),
+                      torch.randint(0, args.classes, (args.batch,), generator=g).to(device), float(args.batch))
+        clean = Batch(torch.arange(args.clean_batch), torch.randn(args.clean_batch, *shape, generator=g).to(device),
+                      torch.randint(0, args.classes, (args.clean_batch,), generator=g).to(device),
+                      float(args.clean_batch))
+        out.append((noisy, clean))
+    return out
+
+
+def measure(args, name: str, k: int, mode: str, device: torch.device, data) -> tuple[float, float]:
+    """(median per-step seconds, peak MiB above the start) of one method setting."""
+    method_cfg = {"name": name} if name == "erm" else {"name": name, "k": k, "meta_grad": mode}
+    cfg = ExperimentConfig.from_dict({"method": method_cfg, "model": {"arch": args.arch, "width": args.width},
+                                      "resources": {"num_workers": 1}})
+    torch.manual_seed(0)
+    model = build_backbone(args.arch, args.classes, (args.image, args.image, args.channels), args.width).to(device)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    method = METHODS[name](cfg, model, opt, args.classes, 10_000, Collective(device=device))
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    step = 0
+
+    def block() -> float:
+        nonlocal step
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(BLOCK):
+            method.step(*data[step % len(data)])
+            step += 1
+        sync()
+        return (time.perf_counter() - t0) / BLOCK
+
+    if cuda:
+        sync()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        for _ in range(args.warmup):
+            block()
+        times = [block() for _ in range(args.steps)]
+        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    else:
+        with RSSPeak() as rss:
+            for _ in range(args.warmup):
+                block()
+            times = [block() for _ in range(args.steps)]
+        peak = (rss.peak - rss.base) / 2**20
+    del method, model, opt
+    if cuda:
+        torch.cuda.empty_cache()
+    trim_heap()
+    return statistics.median(times), peak
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", default="resnet18_cifar")
+    p.add_argument("--width", type=int, default=32, help="width of small_cnn / mlp (ResNets ignore it)")
+    p.add_argument("--image", type=int, default=32, help="image side")
+    p.add_argument("--channels", type=int, default=3)
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--batch", type=int, default=64, help="noisy rows per step")
+    p.add_argument("--clean-batch", type=int, default=None, help="clean rows per step (default: batch / 2)")
+    p.add_argument("--steps", type=int, default=5, help=f"timed blocks of {BLOCK} steps")
+    p.add_argument("--warmup", type=int, default=1, help=f"untimed blocks of {BLOCK} steps")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
+    p.add_argument("--only", default=None, help="comma-separated methods to run besides erm, e.g. emlc")
+    args = p.parse_args(argv)
+    args.clean_batch = args.clean_batch or max(2, args.batch // 2)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("meta_step: --device cuda but no CUDA device is available")
+    data = make_batches(args, device, 2 * BLOCK)
+    rows = [r for r in ROWS if r[0] == "erm" or args.only is None or r[0] in args.only.split(",")]
+
+    what = f"{args.arch}" + (f" width {args.width}" if args.arch in ("small_cnn", "mlp") else "")
+    print(f"# {what}, {args.image}x{args.image}x{args.channels}, {args.classes} classes, batch {args.batch} noisy + "
+          f"{args.clean_batch} clean, {device.type}"
+          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
+             f" ({torch.get_num_threads()} threads)")
+          + f", torch {torch.__version__}; median of {args.steps} blocks of {BLOCK} steps after {args.warmup}")
+    results: dict[tuple[str, int, str], tuple[float, float]] = {}
+    for name, k, mode in rows:
+        results[name, k, mode] = measure(args, name, k, mode, device, data)
+        print(f"  measured {name:5s} k={k} {mode:5s}: {results[name, k, mode][0] * 1e3:9.1f} ms/step",
+              file=sys.stderr, flush=True)
+    erm_t, erm_m = results["erm", 1, "-"]
+    mem = "peak GPU MiB" if device.type == "cuda" else "peak RSS MiB"
+    print(f"| method | k | meta_grad | ms / step | × erm | exact / fast | {mem} | × erm mem |")
+    print("|---|---|---|---|---|---|---|---|")
+    for (name, k, mode), (t, m) in results.items():
+        speed = ""
+        if mode == "fast" and (name, k, "exact") in results:
+            speed = f"{results[name, k, 'exact'][0] / t:.2f}×"
+        ratio_m = f"{m / erm_m:.2f}×" if erm_m > 0.5 else "-"
+        print(f"| {name} | {k if name != 'erm' else '-'} | {mode} | {t * 1e3:.1f} | {t / erm_t:.2f}× | {speed} | "
+              f"{m:.0f} | {ratio_m} |")
+    checks = []
+    if ("emlc", 1, "fast") in results:
+        checks.append(("EMLC k=1 fast ≤ 2.8× ERM", results["emlc", 1, "fast"][0] / erm_t, lambda r: r <= 2.8))
+    if ("emlc", 5, "fast") in results:
+        checks.append(("EMLC k=5 fast (amortised) ≤ 1.8× ERM", results["emlc", 5, "fast"][0] / erm_t,
+                       lambda r: r <= 1.8))
+    for name, k, mode in results:
+        if mode == "fast" and (name, k, "exact") in results:
+            checks.append((f"{name.upper()} k={k}: fast ≥ 1.5× faster than exact",
+                           results[name, k, "exact"][0] / results[name, k, "fast"][0], lambda r: r >= 1.5))
+    print()
+    for label, ratio, ok in checks:
+        print(f"{'PASS' if ok(ratio) else 'MISS'}  {label}: {ratio:.2f}×")
+
+
+if __name__ == "__main__":
+    main()

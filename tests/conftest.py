@@ -8,6 +8,19 @@ import pytest
 os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
 
 
+@pytest.fixture
+def float64_one_thread():
+    """float64 for tight tolerances; one intra-op thread (tiny models, and the CI box has 2 cores)."""
+    import torch
+
+    old, threads = torch.get_default_dtype(), torch.get_num_threads()
+    torch.set_default_dtype(torch.float64)
+    torch.set_num_threads(1)
+    yield
+    torch.set_default_dtype(old)
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A 2-CPU local Ray cluster shared by every test that trains (started on first use)."""

@@ -24,14 +24,8 @@ N_TABLE = 40  # rows of the per-sample label table (reverse_kl)
 
 
 @pytest.fixture(autouse=True)
-def float64_one_thread():
-    """float64 for tight tolerances; one intra-op thread (tiny models, and the CI box has 2 cores)."""
-    old, threads = torch.get_default_dtype(), torch.get_num_threads()
-    torch.set_default_dtype(torch.float64)
-    torch.set_num_threads(1)
+def _float64(float64_one_thread):
     yield
-    torch.set_default_dtype(old)
-    torch.set_num_threads(threads)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -18,15 +18,6 @@ C, SIDE, WIDTH = 10, 8, 4
 META_METHODS = ("mlc", "emlc")
 
 
-@pytest.fixture
-def float64_one_thread():
-    old, threads = torch.get_default_dtype(), torch.get_num_threads()
-    torch.set_default_dtype(torch.float64)
-    torch.set_num_threads(1)
-    yield
-    torch.set_default_dtype(old)
-    torch.set_num_threads(threads)
-
 
 def make(name: str, seed: int = 0, **method):
     """A tiny small_cnn student + SGD (momentum, wd) + the method on one worker."""

@@ -91,56 +91,67 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         _seed_everything(seed + 1000 * epoch + rank)  # per epoch, so a resumed run repeats the same draws
         clean.start_epoch(epoch)
         started = time.time()
-        model.train()
-        sums: dict[str, float] = {}  # per key: sum of value x rows, and rows (keys may skip steps)
-        rows: dict[str, float] = {}
-        weight = 0.0
-        steps = 0
         batches = (to_batch(raw, norm, cfg.data.augment) for raw in iterate(
             noisy_shard, local_bs, device, cfg.data.shuffle_buffer, seed=seed * 1000 + epoch * 31 + rank))
-        for noisy, _true in lockstep(batches, collective, fallback=next(clean)):
-            out = method.step(noisy, next(clean))
-            steps += 1
-            for k, v in out.items():
-                sums[k] = sums.get(k, 0.0) + v * noisy.weight
-                rows[k] = rows.get(k, 0.0) + noisy.weight
-            weight += noisy.weight
+        metrics = _train_epoch(method, batches, clean, collective, device)
+        train_time = time.time() - started
         scheduler.step()
         collective.sync_module_(model)  # identical BN running stats on every replica before eval/checkpoint
-
-        keys = collective.union(set(sums))  # the same keys, in order, on every worker
-        totals = collective.sum(torch.tensor([sums.get(k, 0.0) for k in keys] + [rows.get(k, 0.0) for k in keys]
-                                             + [weight], dtype=torch.float64, device=device))
-        metrics: dict[str, float] = {k: float(totals[i] / totals[len(keys) + i])
-                                     for i, k in enumerate(keys) if totals[len(keys) + i] > 0}
-        seen = int(totals[-1])
-        train_time = time.time() - started
-        metrics |= evaluate(model, ray.train.get_dataset_shard("val"), norm, collective,
-                            cfg.train.eval_batch_size, device, "val")
-        metrics |= evaluate(model, ray.train.get_dataset_shard("test"), norm, collective,
-                            cfg.train.eval_batch_size, device, "test")
-        extras = {}
-        if cfg.train.eval_noisy_train:
-            metrics |= evaluate(model, ray.train.get_dataset_shard("noisy_eval"), norm, collective,
-                                cfg.train.eval_batch_size, device, "noisy", noisy_split=True)
-            if method.corrects_labels:
-                last = epoch + 1 == cfg.train.epochs
-                corrected = evaluate_corrected(method, ray.train.get_dataset_shard("noisy_eval"), norm, collective,
-                                               cfg.train.eval_batch_size, meta.num_classes, device, export=last)
-                metrics |= corrected.metrics
-                if rank == 0:
-                    extras[ckpt.LABEL_TRANSITION_FILE] = json.dumps(corrected.confusion.tolist()).encode()
-                    if corrected.rows is not None:
-                        extras[ckpt.CORRECTED_FILE] = ckpt.corrected_labels_parquet(corrected.rows)
+        evaluated, extras = _evaluate_epoch(cfg, method, meta, norm, collective, device, rank,
+                                            last=epoch + 1 == cfg.train.epochs)
+        metrics |= evaluated
         if metrics.get("val_accuracy", -1.0) > best.get("best_val_accuracy", -1.0):
-            best = {"best_val_accuracy": metrics["val_accuracy"], "test_at_best_val": metrics.get("test_accuracy", math.nan),
-                    "best_epoch": epoch + 1}
-        metrics |= best
-        metrics |= {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "steps": steps,
-                    "noisy_rows_seen": seen, "epoch_time_s": time.time() - started,
-                    "train_samples_per_s": seen / max(train_time, 1e-9)}
+            best = {"best_val_accuracy": metrics["val_accuracy"],
+                    "test_at_best_val": metrics.get("test_accuracy", math.nan), "best_epoch": epoch + 1}
+        metrics |= best | {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
+                           "epoch_time_s": time.time() - started,
+                           "train_samples_per_s": metrics["noisy_rows_seen"] / max(train_time, 1e-9)}
         history.append(metrics)
         _report(cfg, run, rank, epoch, metrics, model, optimizer, scheduler, method, best, history, extras)
+
+
+def _train_epoch(method, batches, clean: CleanCycle, collective: Collective, device) -> dict[str, float]:
+    """One pass over this worker's noisy shard in lockstep; step metrics averaged over the rows that count."""
+    method.model.train()
+    sums: dict[str, float] = {}  # per key: sum of value x rows, and rows (a key may skip steps)
+    rows: dict[str, float] = {}
+    weight, steps = 0.0, 0
+    for noisy, _true in lockstep(batches, collective, fallback=next(clean)):
+        out = method.step(noisy, next(clean))
+        steps += 1
+        for k, v in out.items():
+            sums[k] = sums.get(k, 0.0) + v * noisy.weight
+            rows[k] = rows.get(k, 0.0) + noisy.weight
+        weight += noisy.weight
+    keys = collective.union(set(sums))  # the same keys, in order, on every worker
+    totals = collective.sum(torch.tensor([sums.get(k, 0.0) for k in keys] + [rows.get(k, 0.0) for k in keys]
+                                         + [weight], dtype=torch.float64, device=device))
+    metrics = {k: float(totals[i] / totals[len(keys) + i]) for i, k in enumerate(keys) if totals[len(keys) + i] > 0}
+    return metrics | {"steps": steps, "noisy_rows_seen": int(totals[-1])}
+
+
+def _evaluate_epoch(cfg: ExperimentConfig, method, meta, norm: Normaliser, collective: Collective, device,
+                    rank: int, last: bool) -> tuple[dict[str, float], dict[str, bytes]]:
+    """Val/test accuracy, the model's label recovery on the noisy set and, for label-correcting methods,
+    the accuracy of their corrected labels (exported with the last checkpoint)."""
+    batch_size = cfg.train.eval_batch_size
+    metrics = evaluate(method.model, ray.train.get_dataset_shard("val"), norm, collective, batch_size, device, "val")
+    metrics |= evaluate(method.model, ray.train.get_dataset_shard("test"), norm, collective, batch_size, device,
+                        "test")
+    extras: dict[str, bytes] = {}
+    if not cfg.train.eval_noisy_train:
+        return metrics, extras
+    noisy = ray.train.get_dataset_shard("noisy_eval")
+    metrics |= evaluate(method.model, noisy, norm, collective, batch_size, device, "noisy", noisy_split=True)
+    if method.corrects_labels:
+        corrected = evaluate_corrected(method, noisy, norm, collective, batch_size, meta.num_classes, device,
+                                       export=last)
+        metrics |= corrected.metrics
+        if rank == 0:
+            extras[ckpt.LABEL_TRANSITION_FILE] = json.dumps(corrected.confusion.tolist()).encode()
+            if corrected.rows is not None:
+                extras[ckpt.CORRECTED_FILE] = ckpt.corrected_labels_parquet(corrected.rows)
+    return metrics, extras
 
 
 def _report(cfg, run: RunContext, rank: int, epoch: int, metrics: dict[str, float], model, optimizer, scheduler,

@@ -66,9 +66,11 @@ class DataConfig:
     deterministic: bool = False  # preserve block order so seeded runs repeat exactly (slower at scale)
 
     def validate(self) -> list[str]:
+        from metacorrect.datasets.stream import AUGMENTS
+
         problems = []
-        if self.augment not in ("none", "shift", "crop_flip"):
-            problems.append(f"data.augment: expected one of none, shift, crop_flip, got '{self.augment}'")
+        if self.augment not in AUGMENTS:
+            problems.append(f"data.augment: expected one of {', '.join(AUGMENTS)}, got '{self.augment}'")
         if self.cache_mb < 0:
             problems.append(f"data.cache_mb: must be >= 0, got {self.cache_mb}")
         if self.shuffle_buffer < 0:

@@ -399,17 +399,22 @@ class MetaGradEngine:
                 pairs.append((a, -r * jv))
             else:
                 leaves = {n: p.detach().clone().requires_grad_(True) for n, p in snap.params.items()}
-                with _train_mode(self.model, snap.training):
-                    f = lower_terms(self.family, functional_call(self.model, ({**snap.buffers, **leaves},), (snap.x,)),
-                                    snap.labels)
-                a = self._targets(targets_fn, snap, f.shape)
-                names = list(leaves)
-                grads = torch.autograd.grad(r * (a * f).sum(), [leaves[n] for n in names], create_graph=True,
-                                            allow_unused=True)
+                names, grads = self._lower_grads(targets_fn, snap, r, leaves)
                 proxy = sum(-(coef[n] * (g_new[n] * g).sum()) for n, g in zip(names, grads) if g is not None)
                 if isinstance(proxy, Tensor) and proxy.requires_grad:
                     pairs.append((proxy, torch.ones_like(proxy)))
         return pairs
+
+    def _lower_grads(self, targets_fn, snap: Snapshot, r: float,
+                     leaves: dict[str, Tensor]) -> tuple[list[str], tuple[Tensor | None, ...]]:
+        """∇ of the snapshot's bilinear lower loss w.r.t. `leaves`, with graph (exact paths)."""
+        with _train_mode(self.model, snap.training):
+            f = lower_terms(self.family, functional_call(self.model, ({**snap.buffers, **leaves},), (snap.x,)),
+                            snap.labels)
+        a = self._targets(targets_fn, snap, f.shape)
+        names = list(leaves)
+        return names, torch.autograd.grad(r * (a * f).sum(), [leaves[n] for n in names], create_graph=True,
+                                          allow_unused=True)
 
     def _unroll_pairs(self, targets_fn, clean_x: Tensor, clean_y: Tensor) -> tuple[list[tuple[Tensor, Tensor]], float]:
         """Exact k-step unroll of SGD from the oldest snapshot; returns the meta-loss pair and the weight drift."""
@@ -421,12 +426,7 @@ class MetaGradEngine:
                 continue
             with _train_mode(self.model, snap.training):
                 leaves = {n: (t if t.requires_grad else t.detach().requires_grad_(True)) for n, t in w.items()}
-                f = lower_terms(self.family, functional_call(self.model, ({**snap.buffers, **leaves},), (snap.x,)),
-                                snap.labels)
-            a = self._targets(targets_fn, snap, f.shape)
-            names = list(leaves)
-            grads = torch.autograd.grad(r * (a * f).sum(), [leaves[n] for n in names], create_graph=True,
-                                        allow_unused=True)
+            names, grads = self._lower_grads(targets_fn, snap, r, leaves)
             new_w = {}
             for n, g in zip(names, grads):
                 p = leaves[n]

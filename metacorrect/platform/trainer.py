@@ -17,7 +17,7 @@ import ray.data
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from metacorrect.config import ConfigError, DataConfig, ExperimentConfig
+from metacorrect.config import DataConfig, ExperimentConfig
 from metacorrect.datasets.contract import DataError, DatasetMeta, read_meta
 from metacorrect.datasets.noise import parse_noise
 from metacorrect.datasets.prepare import prepare
@@ -84,8 +84,8 @@ def run(config: ExperimentConfig | str | Path | dict[str, Any] | None = None,
     cfg = as_config(config, overrides)
     started = time.time()
     data_dir, meta = ensure_dataset(cfg.data, progress)
-    if meta.counts["clean_train"] == 0 and cfg.method.name != "erm":
-        raise ConfigError(f"method.name: '{cfg.method.name}' needs clean data, but {data_dir} has no clean_train split")
+    if meta.counts["clean_train"] == 0:  # every step draws a clean batch (erm mixes it in, meta methods learn on it)
+        raise DataError(f"{data_dir}: no clean_train split; prepare the data set with --clean-per-class > 0")
     ensure_ray()
 
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)

@@ -22,7 +22,7 @@ from metacorrect.platform import checkpoint as ckpt
 from metacorrect.platform import quiet, tracking
 from metacorrect.platform.batches import CleanCycle, Normaliser, iterate, lockstep, to_batch
 from metacorrect.platform.collective import Collective
-from metacorrect.platform.evaluate import evaluate, evaluate_corrected
+from metacorrect.platform.evaluate import evaluate, evaluate_noisy
 
 
 @dataclass
@@ -141,16 +141,14 @@ def _evaluate_epoch(cfg: ExperimentConfig, method, meta, norm: Normaliser, colle
     extras: dict[str, bytes] = {}
     if not cfg.train.eval_noisy_train:
         return metrics, extras
-    noisy = ray.train.get_dataset_shard("noisy_eval")
-    metrics |= evaluate(method.model, noisy, norm, collective, batch_size, device, "noisy", noisy_split=True)
-    if method.corrects_labels:
-        corrected = evaluate_corrected(method, noisy, norm, collective, batch_size, meta.num_classes, device,
-                                       export=last)
-        metrics |= corrected.metrics
-        if rank == 0:
-            extras[ckpt.LABEL_TRANSITION_FILE] = json.dumps(corrected.confusion.tolist()).encode()
-            if corrected.rows is not None:
-                extras[ckpt.CORRECTED_FILE] = ckpt.corrected_labels_parquet(corrected.rows)
+    noisy_metrics, corrected = evaluate_noisy(method, ray.train.get_dataset_shard("noisy_eval"), norm, collective,
+                                              batch_size, meta.num_classes, device,
+                                              corrected=method.corrects_labels, export=last)
+    metrics |= noisy_metrics
+    if corrected is not None and rank == 0:
+        extras[ckpt.LABEL_TRANSITION_FILE] = json.dumps(corrected.confusion.tolist()).encode()
+        if corrected.rows is not None:
+            extras[ckpt.CORRECTED_FILE] = ckpt.corrected_labels_parquet(corrected.rows)
     return metrics, extras
 
 

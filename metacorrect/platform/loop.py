@@ -34,6 +34,7 @@ class RunContext:
     mlflow_run_id: str
     torch_threads: int
     local_checkpoints: str | None = None  # num_workers=0: Ray keeps checkpoints where they are written
+    progress: bool = True  # one line per epoch from rank 0
 
 
 def make_optimizer(cfg: ExperimentConfig, model: torch.nn.Module):
@@ -80,7 +81,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         scheduler.load_state_dict(state["scheduler"])
         method.load_state_dict(state["method"])
         start_epoch, best, history = state["epoch"], state["best"], state["history"]
-        if rank == 0:
+        if rank == 0 and run.progress:
             print(f"[metacorrect] resumed from the checkpoint of epoch {start_epoch}")
 
     local_bs = cfg.train.batch_size // world
@@ -158,7 +159,8 @@ def _report(cfg, run: RunContext, rank: int, epoch: int, metrics: dict[str, floa
     directory = None
     if rank == 0:
         tracking.log_metrics(run.tracking_uri, run.mlflow_run_id, metrics, step=epoch + 1)
-        print("[metacorrect] " + _progress_line(cfg, metrics))
+        if run.progress:
+            print("[metacorrect] " + _progress_line(cfg, metrics))
         directory = ckpt.save_state({
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "method": method.state_dict(), "epoch": epoch + 1, "best": best, "history": history,

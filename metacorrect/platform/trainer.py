@@ -111,7 +111,7 @@ def run(config: ExperimentConfig | str | Path | dict[str, Any] | None = None,
         train_loop_config={"experiment": cfg.to_dict(), "run": vars(RunContext(
             data_dir=str(data_dir), tracking_uri=uri, mlflow_run_id=run_id,
             torch_threads=max(1, math.floor(cpus)),
-            local_checkpoints=None if workers else str(run_dir / "local_checkpoints")))},
+            local_checkpoints=None if workers else str(run_dir / "local_checkpoints"), progress=progress))},
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=cfg.resources.use_gpu,
                                                resources_per_worker=resources if workers else None),
         datasets=datasets,

@@ -176,6 +176,10 @@ class TrackingConfig:
     log_model: bool = True
 
 
+# Method fields that keep their meaning across meta methods (carried over by `for_method`).
+ENGINE_FIELDS = ("k", "meta_grad")
+
+
 @dataclass
 class MethodConfig:
     """Base of every method's config; each method subclasses it with its own fields."""
@@ -235,14 +239,21 @@ class ExperimentConfig:
         return ExperimentConfig.from_dict(apply_overrides(base.to_dict(), overrides))
 
     def for_method(self, name: str) -> ExperimentConfig:
-        """The same experiment under another method: method fields the new method also has are kept."""
+        """The same experiment under another method.
+
+        The same method keeps its fields. Another method starts from its own defaults, except for the
+        engine settings (`ENGINE_FIELDS`: look-ahead k, meta_grad) which mean the same for every meta
+        method; a field such as `meta_lr` does not (MLC's Adam lr for the LCN is not EMLC's teacher SGD lr).
+        """
         from metacorrect.methods import METHODS
 
         if name not in METHODS:
             raise ConfigError(f"method.name: unknown method '{name}' (expected one of {', '.join(sorted(METHODS))})")
-        known = {f.name for f in dataclasses.fields(METHODS[name].config_class)}
         raw = self.to_dict()
-        raw["method"] = {k: v for k, v in raw["method"].items() if k in known} | {"name": name}
+        if name == self.method.name:
+            return ExperimentConfig.from_dict(raw)
+        known = {f.name for f in dataclasses.fields(METHODS[name].config_class)}
+        raw["method"] = {k: v for k, v in raw["method"].items() if k in known and k in ENGINE_FIELDS} | {"name": name}
         return ExperimentConfig.from_dict(raw)
 
     # ---- output ---------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from metacorrect.config import (
     apply_overrides,
 )
 from metacorrect.methods.erm import CleanOnlyConfig, ERMConfig
+from metacorrect.methods.emlc import EMLCConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "digits_demo.yaml"
@@ -133,6 +134,10 @@ def test_for_method_drops_and_restores_method_keys() -> None:
     assert type(back.method) is ERMConfig and back.method.use_clean is True  # default again
     # Same method: its own fields are kept.
     assert erm.for_method("erm").method.use_clean is False
+    # Between meta methods only the engine settings travel; method-specific values do not.
+    mlc = ExperimentConfig.from_dict({}).with_overrides(["method.name=mlc", "method.k=3", "method.meta_lr=0.5"])
+    emlc = mlc.for_method("emlc")
+    assert emlc.method.k == 3 and emlc.method.meta_lr == EMLCConfig().meta_lr
     with pytest.raises(ConfigError) as info:
         erm.for_method("foo")
     assert info.value.problems[0].startswith("method.name: unknown method 'foo'")

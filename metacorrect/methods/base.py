@@ -32,8 +32,10 @@ class Method:
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
 
     def __init__(self, cfg: ExperimentConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 num_classes: int, num_noisy: int, collective: Any):
+                 num_classes: int, num_noisy: int, collective: Any,
+                 image_shape: tuple[int, int, int] | None = None):
         self.cfg = cfg
+        self.image_shape = image_shape  # (H, W, C) of the data set, for methods that build their own networks
         self.mcfg = cfg.method
         self.model = model
         self.optimizer = optimizer

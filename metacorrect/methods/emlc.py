@@ -104,11 +104,9 @@ class Teacher(nn.Module):
 
 
 def input_shape_of(model: nn.Module) -> tuple[int, int, int]:
-    """(H, W, C) good enough for `build_backbone` to rebuild the student's architecture.
-
-    The Method interface does not pass the image shape; conv backbones only need the channel count and
-    the MLP only needs H·W·C, both readable from the student's first layer.
-    """
+    """(H, W, C) good enough for `build_backbone` to rebuild the student's architecture, for callers that
+    construct the method without `image_shape`: conv backbones only need the channel count and the MLP
+    only needs H·W·C, both readable from the student's first layer."""
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             return 1, 1, m.in_channels
@@ -121,12 +119,12 @@ class EMLC(Method):
     name = "emlc"
     config_class = EMLCConfig
 
-    def __init__(self, cfg, model, optimizer, num_classes, num_noisy, collective):
-        super().__init__(cfg, model, optimizer, num_classes, num_noisy, collective)
+    def __init__(self, cfg, model, optimizer, num_classes, num_noisy, collective, image_shape=None):
+        super().__init__(cfg, model, optimizer, num_classes, num_noisy, collective, image_shape)
         m = self.mcfg
         p = next(model.parameters())
-        backbone = build_backbone(cfg.model.arch, num_classes, input_shape_of(model), cfg.model.width,
-                                  cfg.model.pretrained)
+        backbone = build_backbone(cfg.model.arch, num_classes, image_shape or input_shape_of(model),
+                                  cfg.model.width, cfg.model.pretrained)
         self.teacher = Teacher(backbone, num_classes, m.embed_dim, m.hidden_dim).to(p.device, p.dtype)
         self.teacher.train()
         collective.sync_module_(self.teacher)  # identical teacher on every worker

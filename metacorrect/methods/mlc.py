@@ -166,8 +166,8 @@ class MLC(Method):
     name = "mlc"
     config_class = MLCConfig
 
-    def __init__(self, cfg, model, optimizer, num_classes, num_noisy, collective):
-        super().__init__(cfg, model, optimizer, num_classes, num_noisy, collective)
+    def __init__(self, cfg, model, optimizer, num_classes, num_noisy, collective, image_shape=None):
+        super().__init__(cfg, model, optimizer, num_classes, num_noisy, collective, image_shape)
         m = self.mcfg
         p = next(model.parameters())
         feature_dim = int(getattr(model, "feature_dim", model.classifier.in_features))

@@ -69,7 +69,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                            cfg.model.pretrained).to(device)
     collective.sync_module_(model)
     optimizer, scheduler = make_optimizer(cfg, model)
-    method = METHODS[cfg.method.name](cfg, model, optimizer, meta.num_classes, meta.counts["noisy_train"], collective)
+    method = METHODS[cfg.method.name](cfg, model, optimizer, meta.num_classes, meta.counts["noisy_train"], collective,
+                                      image_shape=tuple(meta.image_shape))
 
     start_epoch, best, history = 0, {}, []
     restored = ray.train.get_checkpoint()

@@ -5,7 +5,9 @@ from metacorrect.methods.base import Batch, Method
 from metacorrect.methods.emlc import EMLC
 from metacorrect.methods.erm import ERM, CleanOnly
 from metacorrect.methods.mlc import MLC
+from metacorrect.methods.mslg import MSLG
+from metacorrect.methods.soft_labels import SoftLabels
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (ERM, CleanOnly, MLC, EMLC)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (ERM, CleanOnly, MLC, EMLC, MSLG, SoftLabels)}
 
 __all__ = ["METHODS", "Batch", "Method"]

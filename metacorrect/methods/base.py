@@ -55,6 +55,14 @@ class Method:
         """True for methods whose `soft_labels` is more than the given labels (evaluated and exported)."""
         return type(self).soft_labels is not Method.soft_labels
 
+    def start_epoch(self, epoch: int) -> None:
+        """Called by the platform before each epoch's first step (0-based; warm-up schedules use it)."""
+
+    def export_files(self) -> dict[str, bytes]:
+        """Files for the run's final checkpoint and MLflow artifacts (e.g. a label table as parquet),
+        keyed by their path relative to the checkpoint. Called on rank 0 after the last epoch."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 

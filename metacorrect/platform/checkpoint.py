@@ -15,6 +15,7 @@ HISTORY_FILE = "history.json"
 
 
 CORRECTED_FILE = "corrected_labels.parquet"
+EXPORTS_FILE = "method_exports.json"  # names of the files the method exported (Method.export_files)
 LABEL_TRANSITION_FILE = "label_transition.json"
 
 

@@ -95,6 +95,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         started = time.time()
         batches = (to_batch(raw, norm, cfg.data.augment) for raw in iterate(
             noisy_shard, local_bs, device, cfg.data.shuffle_buffer, seed=seed * 1000 + epoch * 31 + rank))
+        method.start_epoch(epoch)
         metrics = _train_epoch(method, batches, clean, collective, device)
         train_time = time.time() - started
         scheduler.step()
@@ -141,6 +142,11 @@ def _evaluate_epoch(cfg: ExperimentConfig, method, meta, norm: Normaliser, colle
     metrics |= evaluate(method.model, ray.train.get_dataset_shard("test"), norm, collective, batch_size, device,
                         "test")
     extras: dict[str, bytes] = {}
+    if last and rank == 0:  # the method's own tables (e.g. learned labels), logged to MLflow under labels/
+        exported = method.export_files()
+        extras |= exported
+        if exported:
+            extras[ckpt.EXPORTS_FILE] = json.dumps(sorted(exported)).encode()
     if not cfg.train.eval_noisy_train:
         return metrics, extras
     noisy_metrics, corrected = evaluate_noisy(method, ray.train.get_dataset_shard("noisy_eval"), norm, collective,

@@ -235,6 +235,9 @@ def _log_end(uri: str, run_id: str, cfg: ExperimentConfig, result: RunResult, ck
         c.log_text(run_id, json.dumps(counts.tolist()), "labels/label_transition_counts.json")
     if ckpt_dir and (Path(ckpt_dir) / ckpt.CORRECTED_FILE).is_file():
         c.log_artifact(run_id, str(Path(ckpt_dir) / ckpt.CORRECTED_FILE), "labels")
+    if ckpt_dir and (Path(ckpt_dir) / ckpt.EXPORTS_FILE).is_file():
+        for name in json.loads((Path(ckpt_dir) / ckpt.EXPORTS_FILE).read_text()):
+            c.log_artifact(run_id, str(Path(ckpt_dir) / name), "labels")
     if cfg.tracking.log_model and ckpt_dir:
         model_file = Path(ckpt_dir) / ckpt.MODEL_FILE
         if model_file.is_file():

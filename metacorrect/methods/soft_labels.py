@@ -1,0 +1,172 @@
+"""Meta-learned soft labels (Vyas, Saxena & Voice, 2020; seeds/004, reference/methods.md §6).
+
+Algorithm 1, every step, labels first and then the model:
+
+    1. look-ahead θ' = θ − s ∇_θ (1/n) Σ_i CE(f_θ(x_i), y_i(φ))      (soft-target CE, engine family "soft_ce")
+    2. L_meta = CE(f_θ'(x_clean), y_clean)
+    3. φ ← φ − label_lr · ∂L_meta/∂φ                                   (separate SGD, no lr schedule)
+    4. one real step on the same batch with the NEW labels y(φ)
+
+`mode: class` — one smoothing parameter α_c per class, clamped to [0, 1], initialised at 0: the target
+of a sample with label c is 1 − α_c on c and α_c / (C − 1) on every other class. The α_c are shared
+by all workers: their gradients are summed over workers (each worker's rows already carry their share
+of the global mean), so replicas step identically.
+
+`mode: instance` — one softmax-parameterised label per noisy sample in the label table, initialised to
+mass p0 on the given label and (1 − p0)/(C − 1) on each other class (paper grid p0 ∈ {0.3, 0.5, 0.7,
+0.9}); rows are updated by the workers that hold them and all-gathered into every replica.
+
+`entropy_weighting` (noisy setting, the paper's implicit curriculum; its exact form is not given):
+each sample's loss is weighted by 1 − H(y_i)/log C of its current label, renormalised to mean 1 over
+the batch, so confident labels count more. The weights are constants for the meta-gradient.
+
+Works without noise (the paper's supervised setting): prepare the data with `--noise none`.
+Not in the paper, from the platform: the look-ahead step is the optimizer's real step (current lr,
+momentum and weight decay as SGD does), the meta batch is the clean batch, label SGD has no momentum.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from metacorrect.config import MethodConfig
+from metacorrect.methods.base import Batch, Method
+from metacorrect.methods.label_table import LabelTable, mass_logits
+from metacorrect.methods.lookahead import labels_first_meta_grad
+from metacorrect.methods.metagrad import lower_loss
+from metacorrect.methods.mlc import MODES
+from metacorrect.methods.mslg import LABEL_TABLE_FILE
+
+SOFT_LABEL_MODES = ("class", "instance")
+
+
+@dataclass
+class SoftLabelsConfig(MethodConfig):
+    name: str = "soft_labels"
+    mode: str = "instance"  # class (one α per class) | instance (one label per sample, in the label table)
+    label_lr: float = 50.0  # label SGD lr, no schedule: paper grid instance 25..200 (appendix 5..100), class 0.01..3
+    alpha_init: float = 0.0  # class mode: initial smoothing α_c (paper: 0, i.e. the given one-hot labels)
+    p0: float = 0.9  # instance mode: initial mass on the given label (paper grid 0.3 / 0.5 / 0.7 / 0.9)
+    entropy_weighting: bool = False  # weight samples by 1 − H(label)/log C (the paper's noisy-setting curriculum)
+    meta_grad: str = "fast"  # fast (JVP) | exact (create_graph reference, one worker)
+
+    def validate(self) -> list[str]:
+        problems = []
+        if self.mode not in SOFT_LABEL_MODES:
+            problems.append(f"method.mode: expected one of {', '.join(SOFT_LABEL_MODES)}, got '{self.mode}'")
+        if not self.label_lr > 0:
+            problems.append(f"method.label_lr: must be > 0, got {self.label_lr}")
+        if not 0.0 <= self.alpha_init <= 1.0:
+            problems.append(f"method.alpha_init: must be in [0, 1], got {self.alpha_init}")
+        if not 0.0 < self.p0 < 1.0:
+            problems.append(f"method.p0: must be in (0, 1), got {self.p0}")
+        if self.meta_grad not in MODES:
+            problems.append(f"method.meta_grad: expected one of {', '.join(MODES)}, got '{self.meta_grad}'")
+        return problems
+
+
+def smoothed_targets(alpha: Tensor, labels: Tensor, num_classes: int) -> Tensor:
+    """1 − α_c on the label c, α_c/(C − 1) elsewhere, α clamped to [0, 1] (differentiable in α)."""
+    a = alpha.clamp(0.0, 1.0)[labels].unsqueeze(1)
+    onehot = F.one_hot(labels, num_classes).to(alpha.dtype)
+    return onehot * (1.0 - a) + (1.0 - onehot) * a / (num_classes - 1)
+
+
+def entropy_weights(targets: Tensor) -> Tensor:
+    """1 − H/log C per row, renormalised to mean 1 over the batch (constants: detached)."""
+    t = targets.detach()
+    h = -(t * t.clamp_min(1e-12).log()).sum(1) / math.log(t.shape[1])
+    w = (1.0 - h).clamp_min(0.0)
+    return w * (len(w) / w.sum().clamp_min(1e-12))
+
+
+class SoftLabels(Method):
+    name = "soft_labels"
+    config_class = SoftLabelsConfig
+
+    def __init__(self, cfg, model, optimizer, num_classes, num_noisy, collective, image_shape=None):
+        super().__init__(cfg, model, optimizer, num_classes, num_noisy, collective, image_shape)
+        p = next(model.parameters())
+        self.alpha: Tensor | None = None
+        self.table: LabelTable | None = None
+        if self.mcfg.mode == "class":
+            self.alpha = torch.full((num_classes,), self.mcfg.alpha_init, device=p.device, dtype=p.dtype)
+        else:
+            self.table = LabelTable(num_noisy, num_classes, mass_logits(self.mcfg.p0), collective, p.device)
+
+    # ---- labels ---------------------------------------------------------------------------------------
+    def _parameters(self, noisy: Batch, real: bool) -> Tensor:
+        """This step's label parameters as a fresh leaf: α (C,) or the batch's table rows (n, C)."""
+        if self.alpha is not None:
+            return self.alpha.detach().clone().requires_grad_(True)
+        rows = self.table.rows(noisy.ids, noisy.label) if real else torch.zeros(
+            len(noisy), self.num_classes, device=noisy.x.device)
+        return rows.detach().requires_grad_(True)
+
+    def _targets(self, params: Tensor, labels: Tensor) -> Tensor:
+        if self.alpha is not None:
+            return smoothed_targets(params, labels, self.num_classes)
+        return F.softmax(params, dim=1)
+
+    def step(self, noisy: Batch, clean: Batch) -> dict[str, float]:
+        m = self.mcfg
+        real = noisy.weight > 0  # a stand-in batch (weight 0) carries clean ids: it must not touch the table
+        logits = self.model(noisy.x)
+        params = self._parameters(noisy, real)
+        targets = self._targets(params, noisy.label)
+        weights = entropy_weights(targets) if m.entropy_weighting else None
+        a = targets * weights.unsqueeze(1) if weights is not None else targets
+
+        def lower(t: Tensor) -> Tensor:
+            return lower_loss("soft_ce", logits, t)
+
+        result = labels_first_meta_grad(self.model, self.optimizer, "soft_ce", noisy.x, lower, a, clean.x,
+                                        clean.label, weight=noisy.weight, clean_weight=clean.weight,
+                                        collective=self.collective, mode=m.meta_grad)
+        (grad,) = torch.autograd.grad(a, params, result.grad_a)
+        with torch.no_grad():
+            if self.alpha is not None:
+                grad = self.collective.sum(grad)  # shared α: every worker's rows contribute
+                self.alpha.sub_(m.label_lr * grad).clamp_(0.0, 1.0)
+                new_targets = smoothed_targets(self.alpha, noisy.label, self.num_classes)
+            else:
+                new_rows = params.detach() - m.label_lr * grad
+                keep = slice(None) if real else slice(0, 0)
+                self.table.update(noisy.ids[keep], new_rows[keep], noisy.label[keep])
+                new_targets = F.softmax(new_rows, dim=1)
+        if weights is not None:
+            new_targets = new_targets * entropy_weights(new_targets).unsqueeze(1)
+        loss = lower(new_targets)
+        self.optimizer_step(loss, noisy.weight)
+        out = {"train_loss": float(loss.detach()), "meta_loss": result.meta_loss, "clean_loss": result.meta_loss,
+               "label_grad_norm": float(grad.norm())}
+        if self.alpha is not None:
+            out["alpha_mean"] = float(self.alpha.mean())
+        return out
+
+    @torch.no_grad()
+    def soft_labels(self, noisy: Batch) -> Tensor:
+        if self.alpha is not None:
+            return smoothed_targets(self.alpha, noisy.label, self.num_classes)
+        return F.softmax(self.table.rows(noisy.ids, noisy.label), dim=1)
+
+    def export_files(self) -> dict[str, bytes]:
+        if self.table is None:
+            return {}
+        return {LABEL_TABLE_FILE: self.table.to_parquet(lambda v: F.softmax(v, dim=1))}
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.alpha is not None:
+            return {"alpha": self.alpha.cpu()}
+        return {"table": self.table.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.alpha is not None:
+            self.alpha.copy_(state["alpha"])
+        else:
+            self.table.load_state_dict(state["table"])

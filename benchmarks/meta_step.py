@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import gc
 import os
 import statistics
@@ -29,7 +30,9 @@ from metacorrect.platform.collective import Collective
 
 BLOCK = 5  # steps per timing block: a multiple of every k measured, so meta steps are amortised
 
-ROWS = [("erm", 1, "-")] + [(name, k, mode) for name in ("mlc", "emlc") for k in (1, 5) for mode in ("fast", "exact")]
+ROWS = ([("erm", 1, "-")] + [(name, k, mode) for name in ("mlc", "emlc") for k in (1, 5) for mode in ("fast", "exact")]
+        + [(name, 1, mode) for name in ("mslg", "soft_labels") for mode in ("fast", "exact")])
+EXTRA = {"mslg": {"warmup_epochs": 0}}  # time the label-learning steps, not the warm-up
 
 
 class RSSPeak:
@@ -85,7 +88,9 @@ def make_batches(args, device: torch.device, count: int) -> list[tuple[Batch, Ba
 
 def measure(args, name: str, k: int, mode: str, device: torch.device, data) -> tuple[float, float]:
     """(median per-step seconds, peak MiB above the start) of one method setting."""
-    method_cfg = {"name": name} if name == "erm" else {"name": name, "k": k, "meta_grad": mode}
+    method_cfg = {"name": name} if name == "erm" else {"name": name, "meta_grad": mode} | EXTRA.get(name, {})
+    if "k" in {f.name for f in dataclasses.fields(METHODS[name].config_class)}:
+        method_cfg["k"] = k
     cfg = ExperimentConfig.from_dict({"method": method_cfg, "model": {"arch": args.arch, "width": args.width},
                                       "resources": {"num_workers": 1}})
     torch.manual_seed(0)
@@ -128,6 +133,52 @@ def measure(args, name: str, k: int, mode: str, device: torch.device, data) -> t
     return statistics.median(times), peak
 
 
+def _table_worker(rank: int, init_file: str, rows: int, classes: int, batch: int, out_file: str) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    from metacorrect.methods.label_table import LabelTable, onehot_logits
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=120))
+    try:
+        table = LabelTable(rows, classes, onehot_logits(10.0), Collective(2, rank))
+        g = torch.Generator().manual_seed(0)
+        times = []
+        for _ in range(25):
+            ids = torch.randperm(rows, generator=g)[:batch]  # the same draw on both ranks: disjoint halves
+            mine = ids[rank * batch // 2:(rank + 1) * batch // 2]
+            labels = torch.randint(0, classes, (len(mine),), generator=g)
+            new_rows = table.rows(mine, labels) + 0.5
+            dist.barrier()
+            t0 = time.perf_counter()
+            table.update(mine, new_rows, labels)
+            times.append(time.perf_counter() - t0)
+        if rank == 0:
+            torch.save(statistics.median(times[5:]), out_file)
+    finally:
+        dist.destroy_process_group()
+
+
+def label_table_update_seconds(rows: int, classes: int, batch: int) -> float:
+    """Median time of one `LabelTable.update` (all-gather + in-place write) with 2 gloo workers."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = torch.multiprocessing.get_context("spawn")
+        procs = [ctx.Process(target=_table_worker, args=(r, f"{tmp}/pg", rows, classes, batch, f"{tmp}/t.pt"))
+                 for r in range(2)]
+        for proc in procs:
+            proc.start()
+        for proc in procs:
+            proc.join(timeout=300)
+        if any(proc.exitcode != 0 for proc in procs):
+            sys.exit("meta_step: the label-table timing workers failed")
+        return float(torch.load(f"{tmp}/t.pt"))
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", default="resnet18_cifar")
@@ -142,6 +193,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     p.add_argument("--only", default=None, help="comma-separated methods to run besides erm, e.g. emlc")
+    p.add_argument("--table-rows", type=int, default=1_000_000,
+                   help="rows of the label-table update timing (0: skip it)")
+    p.add_argument("--classes-table", type=int, default=14, help="classes of the label-table timing (Clothing1M: 14)")
     args = p.parse_args(argv)
     args.clean_batch = args.clean_batch or max(2, args.batch // 2)
     if args.threads:
@@ -184,6 +238,10 @@ def main(argv: list[str] | None = None) -> None:
         if mode == "fast" and (name, k, "exact") in results:
             checks.append((f"{name.upper()} k={k}: fast ≥ 1.5× faster than exact",
                            results[name, k, "exact"][0] / results[name, k, "fast"][0], lambda r: r >= 1.5))
+    if args.table_rows:
+        update = label_table_update_seconds(args.table_rows, args.classes_table, 1024)
+        print(f"\nlabel_table: one all-gathered update of 1024 rows in a {args.table_rows:,} x {args.classes_table} "
+              f"table, 2 workers (gloo, CPU): {update * 1e3:.2f} ms = {update / erm_t:.3f}× an erm step")
     print()
     for label, ratio, ok in checks:
         print(f"{'PASS' if ok(ratio) else 'MISS'}  {label}: {ratio:.2f}×")

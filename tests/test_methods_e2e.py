@@ -7,7 +7,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-EPOCHS = 15
+EPOCHS = 25  # the meta methods' configs (they need more steps than erm's 8 epochs on ~1.1k noisy images)
 
 
 @pytest.fixture(scope="module")
@@ -30,11 +30,11 @@ def runs(ray_cluster, digits_noisy, workdir, tracking_uri):
 
 
 @pytest.mark.parametrize("method", ["mlc", "emlc"])
-def test_meta_methods_beat_erm_on_the_noisy_labels(runs, method):
-    # Measured here (seed 0, 15 epochs, 1 worker): erm 0.864, clean_only 0.964, mlc 0.936, emlc 0.958.
-    # Beating clean_only on digits (100 clean images already give 96%) is not reached yet: see README.
+def test_meta_methods_beat_both_baselines(runs, method):
+    # Test accuracy at the best validation epoch (seed 0, 25 epochs, 1 worker); see README for the numbers.
     score = {m: r.metrics["test_at_best_val"] for m, r in runs.items()}
     assert score[method] > score["erm"] + 0.03, score
+    assert score[method] > score["clean_only"], score
 
 
 @pytest.mark.parametrize("method", ["mlc", "emlc"])

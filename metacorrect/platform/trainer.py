@@ -72,10 +72,20 @@ def ensure_ray() -> None:
         env = {"RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
         if not os.environ.get("RAY_ADDRESS"):
             env[quiet.ENV] = quiet.ray_data_console_config()
+        # Inside a Ray job, Ray refuses a driver runtime_env that names the job's env vars again.
+        env = {k: v for k, v in env.items() if k not in _job_env_vars()}
         os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
         ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level=logging.WARNING,
                  runtime_env={"env_vars": env})
     quiet.quiet_this_process()
+
+
+def _job_env_vars() -> dict[str, str]:
+    """The env vars of the runtime_env of the Ray job this driver runs in ({} outside `ray job submit`)."""
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    raw = os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR)
+    return (json.loads(raw).get("runtime_env") or {}).get("env_vars") or {} if raw else {}
 
 
 def run(config: ExperimentConfig | str | Path | dict[str, Any] | None = None,

@@ -26,6 +26,7 @@ from metacorrect.platform import checkpoint as ckpt
 from metacorrect.platform import plots, quiet, tracking
 from metacorrect.platform.loop import RunContext, train_loop_per_worker
 from metacorrect.platform.results import RunResult
+from metacorrect.platform.workers import SETUP_HOOK
 
 SPLIT_ACROSS_WORKERS = ["noisy", "noisy_eval", "val", "test"]
 
@@ -73,19 +74,21 @@ def ensure_ray() -> None:
         if not os.environ.get("RAY_ADDRESS"):
             env[quiet.ENV] = quiet.ray_data_console_config()
         # Inside a Ray job, Ray refuses a driver runtime_env that names the job's env vars again.
-        env = {k: v for k, v in env.items() if k not in _job_env_vars()}
+        env = {k: v for k, v in env.items() if k not in (_job_runtime_env().get("env_vars") or {})}
         os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
-        ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level=logging.WARNING,
-                 runtime_env={"env_vars": env})
+        runtime_env = {"env_vars": env}
+        if "worker_process_setup_hook" not in _job_runtime_env():
+            runtime_env["worker_process_setup_hook"] = SETUP_HOOK
+        ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level=logging.WARNING, runtime_env=runtime_env)
     quiet.quiet_this_process()
 
 
-def _job_env_vars() -> dict[str, str]:
-    """The env vars of the runtime_env of the Ray job this driver runs in ({} outside `ray job submit`)."""
+def _job_runtime_env() -> dict[str, Any]:
+    """The runtime_env of the Ray job this driver runs in ({} outside `ray job submit`)."""
     from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
 
     raw = os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR)
-    return (json.loads(raw).get("runtime_env") or {}).get("env_vars") or {} if raw else {}
+    return (json.loads(raw).get("runtime_env") or {}) if raw else {}
 
 
 def run(config: ExperimentConfig | str | Path | dict[str, Any] | None = None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -215,6 +216,8 @@ def _tuner(context: TrialContext, space: dict[str, Any], options: SweepOptions, 
 
     from metacorrect.tuning.progress import SweepProgress
 
+    # Tune's own console tables would interleave with our one line per trial event.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), {"cpu": DRIVER_CPUS})
     if resume and tune.Tuner.can_restore(str(sweep_dir)):
         # The callbacks, scheduler and search state come back from the sweep's own saved state.
@@ -229,13 +232,13 @@ def _tuner(context: TrialContext, space: dict[str, Any], options: SweepOptions, 
     if options.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
-        search_alg = OptunaSearch(seed=options.seed)
-    else:
-        search_alg = tune.search.BasicVariantGenerator(random_state=options.seed)
+        search_alg = tune.search.ConcurrencyLimiter(OptunaSearch(seed=options.seed), max_concurrent=concurrency)
+    else:  # Tune ignores TuneConfig.max_concurrent_trials for this generator: it takes its own limit
+        search_alg = tune.search.BasicVariantGenerator(random_state=options.seed, max_concurrent=concurrency)
     return tune.Tuner(
         trainable, param_space=to_tune(space),
         tune_config=tune.TuneConfig(metric=options.metric, mode=options.resolved_mode, num_samples=options.num_samples,
-                                    scheduler=scheduler, search_alg=search_alg, max_concurrent_trials=concurrency,
+                                    scheduler=scheduler, search_alg=search_alg,
                                     trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
         run_config=tune.RunConfig(name=sweep_dir.name, storage_path=str(sweep_dir.parent), verbose=0,
                                   callbacks=[SweepProgress(options.metric, options.resolved_mode, epochs,

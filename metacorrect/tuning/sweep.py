@@ -158,8 +158,11 @@ def sweep(config: ExperimentConfig | str | Path | dict[str, Any] | None = None,
     try:
         grid = _tuner(context, searched_space, options, base, concurrency, sweep_dir, resume, progress).fit()
         result = _collect(grid, base, searched_space, options, name, sweep_dir, data_dir, uri, parent_id, started)
-    except BaseException:
-        tracking.end_run(uri, parent_id, "FAILED" if not isinstance(_current_exc(), KeyboardInterrupt) else "KILLED")
+    except KeyboardInterrupt:
+        tracking.end_run(uri, parent_id, "KILLED")  # `--resume` reopens it
+        raise
+    except Exception:
+        tracking.end_run(uri, parent_id, "FAILED")
         raise
     _log_parent_end(result, searched_space, base)
     return result
@@ -389,9 +392,3 @@ def _cell(value: Any) -> str:
 def _plain(value: Any) -> Any:
     """numpy scalars -> Python scalars (for YAML, JSON and MLflow)."""
     return value.item() if hasattr(value, "item") and not isinstance(value, (list, dict, str)) else value
-
-
-def _current_exc():
-    import sys
-
-    return sys.exc_info()[1]

@@ -3,6 +3,8 @@
     import metacorrect
     result = metacorrect.run(metacorrect.ExperimentConfig())        # erm on noisy digits
     result = metacorrect.run("configs/digits_demo.yaml", ["method.name=clean_only"])
+    sweep = metacorrect.sweep("configs/digits_mlc.yaml", num_samples=8)   # Ray Tune, MLflow parent run
+    sweep.trials, sweep.best_config, sweep.save_best("best.yaml")
 """
 from metacorrect.config import ConfigError, ExperimentConfig
 from metacorrect.platform.results import RunResult, load_results
@@ -15,4 +17,11 @@ def run(config=None, overrides=None, progress: bool = True) -> RunResult:
     return _run(config, overrides, progress)
 
 
-__all__ = ["ConfigError", "ExperimentConfig", "RunResult", "load_results", "run"]
+def sweep(config=None, space=None, num_samples: int = 8, **options):
+    """Search hyper-parameters with Ray Tune, each trial a Ray Train run (see `metacorrect.tuning.sweep.sweep`)."""
+    from metacorrect.tuning.sweep import sweep as _sweep
+
+    return _sweep(config, space, num_samples, **options)
+
+
+__all__ = ["ConfigError", "ExperimentConfig", "RunResult", "load_results", "run", "sweep"]

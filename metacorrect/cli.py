@@ -1,4 +1,4 @@
-"""`metacorrect` command line: run, compare, data prepare, data inspect."""
+"""`metacorrect` command line: run, compare, sweep, submit, data prepare, data inspect."""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +11,9 @@ EPILOG = """examples:
   metacorrect run configs/digits_demo.yaml
   metacorrect run configs/digits_demo.yaml --set method.name=clean_only --set train.epochs=5
   metacorrect compare configs/digits_demo.yaml --methods erm,clean_only
+  metacorrect sweep configs/digits_mlc.yaml --num-samples 8 --save-best best.yaml
+  metacorrect sweep configs/digits_mlc.yaml --num-samples 8 --resume      # continue an interrupted sweep
+  metacorrect submit --address http://HEAD:8265 --follow -- run configs/digits_demo.yaml
   metacorrect data prepare digits --noise symmetric:0.6 --clean-per-class 10 --seed 0 --out data/digits-sym60
   metacorrect data inspect data/digits-sym60
 """
@@ -42,6 +45,51 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p_cmp)
     p_cmp.add_argument("--methods", required=True, help="comma-separated method names, e.g. erm,clean_only")
 
+    p_sweep = sub.add_parser(
+        "sweep", help="search hyper-parameters with Ray Tune, each trial a Ray Train run",
+        description="Search hyper-parameters with Ray Tune. Every trial is a full Ray Train run of the platform, "
+        "tracked as a nested MLflow run under one parent run of the sweep (trials table and plots). "
+        "Without --space, the method's default space is searched (--show-space prints it).",
+        epilog=SPACE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(p_sweep)
+    p_sweep.add_argument("--space", help="search space YAML (default: the method's own space)")
+    p_sweep.add_argument("--num-samples", type=int, default=8, help="trials to draw (times each grid entry; default 8)")
+    p_sweep.add_argument("--scheduler", default="asha", choices=["asha", "fifo"],
+                         help="asha stops weak trials early on the per-epoch metric (default); fifo runs all")
+    p_sweep.add_argument("--search", default="random", choices=["random", "optuna"], help="search algorithm")
+    p_sweep.add_argument("--metric", default="val_accuracy", help="validation metric to optimise (default "
+                         "val_accuracy; val_loss is minimised)")
+    p_sweep.add_argument("--max-concurrent", type=int, help="trials at a time (default: what the cluster fits)")
+    p_sweep.add_argument("--name", help="sweep name (default: derived from config, space and options, so the "
+                         "same command with --resume finds its sweep)")
+    p_sweep.add_argument("--resume", action="store_true", help="continue the sweep of this name: finished trials "
+                         "are kept, unfinished ones resume from their last checkpoint")
+    p_sweep.add_argument("--seed", type=int, default=0, help="seed of the search (default 0)")
+    p_sweep.add_argument("--save-best", metavar="PATH", help="write the best trial's config as YAML")
+    p_sweep.add_argument("--show-space", action="store_true", help="print the space that would be searched and exit")
+
+    p_sub = sub.add_parser(
+        "submit", help="run a metacorrect command on a Ray cluster as a Ray job",
+        description="Submit `python -m metacorrect COMMAND ...` to a Ray cluster (ray job submit): the project "
+        "directory is the job's working_dir (without data/, runs/, mlruns/, .venv/, .git/), the project's pip "
+        "requirements are installed on top of the cluster's Python, and MLFLOW_TRACKING_URI (and --env) reach "
+        "every process. Exit status: the job's (0 = succeeded) with --follow, else 0 once submitted.",
+        epilog="example:\n  metacorrect submit --address http://HEAD:8265 --env MLFLOW_TRACKING_URI=http://HEAD:5000 "
+        "--follow -- sweep configs/digits_mlc.yaml --set tracking.storage_path=/shared/runs",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p_sub.add_argument("--address", help="the head's dashboard, http://HEAD:8265 (default $RAY_ADDRESS)")
+    p_sub.add_argument("--follow", action="store_true", help="stream the job's logs and wait for its end")
+    p_sub.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                       help="environment variable for the job (repeatable); MLFLOW_TRACKING_URI and AWS_* are "
+                       "passed on from this shell when set")
+    p_sub.add_argument("--pip", default="project", help="project (pyproject.toml dependencies, default), none "
+                       "(the cluster's Python as is) or a requirements file")
+    p_sub.add_argument("--working-dir", help="project directory to ship (default: the project around the cwd)")
+    p_sub.add_argument("--exclude", action="append", default=[], help="more paths not to ship (gitignore syntax)")
+    p_sub.add_argument("--job-id", help="submission id (default: generated)")
+    p_sub.add_argument("--entrypoint-num-gpus", type=float, help="GPUs for the driver process itself")
+    p_sub.add_argument("job", nargs=argparse.REMAINDER, help="-- then the metacorrect command, e.g. -- run CONFIG.yaml")
+
     p_data = sub.add_parser("data", help="prepare and inspect data sets")
     data_sub = p_data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     p_prep = data_sub.add_parser("prepare", help="turn a source into the canonical parquet data set",
@@ -61,6 +109,17 @@ def build_parser() -> argparse.ArgumentParser:
     p_insp = data_sub.add_parser("inspect", help="counts per split, actual noise rate, transition matrix")
     p_insp.add_argument("directory")
     return parser
+
+
+SPACE_HELP = """search space YAML: dotted config field -> one of
+  optim.lr: {loguniform: [0.005, 0.2]}      method.k: {choice: [1, 2, 5, 10]}   (a bare list = choice)
+  optim.momentum: {uniform: [0.8, 0.99]}     train.seed: {grid: [0, 1, 2]}       (every value)
+  model.width: {randint: [16, 64]}           method.K: {lograndint: [1, 1000]}   (ints, bounds included)
+examples:
+  metacorrect sweep configs/digits_mlc.yaml --show-space
+  metacorrect sweep configs/digits_mlc.yaml --space space.yaml --num-samples 16 --save-best best.yaml
+  metacorrect sweep configs/digits_mlc.yaml --num-samples 16 --resume
+"""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,9 +153,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(inspect_dataset(args.directory))
         return 0
 
+    if args.command == "submit":
+        return _submit(args)
     from metacorrect.config import ExperimentConfig
 
     cfg = ExperimentConfig.from_yaml(args.config, args.overrides)  # validates before anything starts
+    if args.command == "sweep":
+        return _sweep(args, cfg)
     if args.command == "run" and args.name:
         cfg.tracking.run_name = args.name
     from metacorrect.platform.results import format_table, where
@@ -119,6 +182,42 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"{r.method}: run {r.run_name}, MLflow run id {r.mlflow_run_id}, checkpoint {r.checkpoint_path}")
     print(where(results[0].tracking_uri))
     return 0
+
+
+def _sweep(args: argparse.Namespace, cfg) -> int:
+    from metacorrect.platform.trainer import RunFailed
+    from metacorrect.tuning.space import load_space, space_to_yaml
+    from metacorrect.tuning.sweep import sweep
+
+    if args.show_space:
+        print(space_to_yaml(load_space(args.space, cfg)), end="")
+        return 0
+    try:
+        result = sweep(cfg, args.space, args.num_samples, scheduler=args.scheduler, search=args.search,
+                       metric=args.metric, max_concurrent_trials=args.max_concurrent, name=args.name,
+                       resume=args.resume, seed=args.seed, progress=not args.quiet)
+    except RunFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print()
+    print(result)
+    if args.save_best and result.best_config is not None:
+        print(f"best config written to {result.save_best(args.save_best)}")
+    return 0 if result.best_config is not None else 1
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from metacorrect.config import ConfigError
+    from metacorrect.platform.jobs import parse_env, submit
+
+    command = args.job[1:] if args.job[:1] == ["--"] else args.job
+    if not command:
+        raise ConfigError("submit: no command after --; e.g. metacorrect submit --address http://HEAD:8265 "
+                          "-- run configs/digits_demo.yaml")
+    result = submit(command, args.address, working_dir=args.working_dir, pip=args.pip, env=parse_env(args.env),
+                    follow=args.follow, submission_id=args.job_id, entrypoint_num_gpus=args.entrypoint_num_gpus,
+                    excludes=args.exclude)
+    return result.exit_code
 
 
 def _options(items: list[str]) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, ClassVar, Union
 
 import yaml
 
@@ -150,6 +150,7 @@ class TrainConfig:
 class ResourcesConfig:
     num_workers: int = 2  # Ray Train workers; 0 runs the loop in the driver (debugging)
     use_gpu: bool = False
+    gpus_per_worker: float = 1.0  # with use_gpu; a fraction (e.g. 0.5) packs several sweep trials on one GPU
     cpus_per_worker: float | None = None  # None: share the cluster's CPUs, leaving `data_cpus` to Ray Data
     data_cpus: float = 1.0  # CPUs left free for Ray Data's decode/augment tasks when sharing
     max_failures: int = 2  # worker-group restarts from the last checkpoint
@@ -160,6 +161,8 @@ class ResourcesConfig:
             problems.append(f"resources.num_workers: must be >= 0, got {self.num_workers}")
         if self.cpus_per_worker is not None and self.cpus_per_worker <= 0:
             problems.append(f"resources.cpus_per_worker: must be > 0, got {self.cpus_per_worker}")
+        if self.gpus_per_worker <= 0:
+            problems.append(f"resources.gpus_per_worker: must be > 0, got {self.gpus_per_worker}")
         if self.data_cpus < 0:
             problems.append(f"resources.data_cpus: must be >= 0, got {self.data_cpus}")
         if self.max_failures < -1:
@@ -182,9 +185,14 @@ ENGINE_FIELDS = ("k", "meta_grad")
 
 @dataclass
 class MethodConfig:
-    """Base of every method's config; each method subclasses it with its own fields."""
+    """Base of every method's config; each method subclasses it with its own fields.
+
+    `search_space` is the method's default Ray Tune space for `metacorrect sweep` (dotted field -> spec,
+    syntax in `metacorrect/tuning/space.py`); a method overrides it next to its own fields.
+    """
 
     name: str = "erm"
+    search_space: ClassVar[dict[str, Any]] = {"optim.lr": {"loguniform": [0.005, 0.2]}}
 
     def validate(self) -> list[str]:
         return []
@@ -237,6 +245,14 @@ class ExperimentConfig:
         names = [v for k, _, v in (o.partition("=") for o in overrides) if k.strip() == "method.name"]
         base = self.for_method(names[-1].strip()) if names else self
         return ExperimentConfig.from_dict(apply_overrides(base.to_dict(), overrides))
+
+    def with_values(self, values: dict[str, Any]) -> ExperimentConfig:
+        """The config with dotted fields set to typed values (e.g. a sweep trial's {"optim.lr": 0.01})."""
+        base = self.for_method(values["method.name"]) if "method.name" in values else self
+        raw = base.to_dict()
+        for key, value in values.items():
+            _set_dotted(raw, key, value, f"{key}={value!r}")
+        return ExperimentConfig.from_dict(raw)
 
     def for_method(self, name: str) -> ExperimentConfig:
         """The same experiment under another method.
@@ -293,23 +309,28 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. optim.lr=0.1")
-        parts = key.strip().split(".")
-        node = raw
-        for part in parts[:-1]:
-            child = node.get(part)
-            if isinstance(child, str) and part == "method":
-                child = {"name": child}
-            if child is None:
-                child = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"--set {key}: '{part}' is a value, not a section")
-            node[part] = child
-            node = child
         try:
-            node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+            parsed = yaml.safe_load(value) if value.strip() else None
         except yaml.YAMLError:
-            node[parts[-1]] = value
+            parsed = value
+        _set_dotted(raw, key.strip(), parsed, f"--set {key}")
     return raw
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any, where: str) -> None:
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.get(part)
+        if isinstance(child, str) and part == "method":
+            child = {"name": child}
+        if child is None:
+            child = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{where}: '{part}' is a value, not a section")
+        node[part] = child
+        node = child
+    node[parts[-1]] = _deepcopy(value)
 
 
 def _build_method(raw: dict[str, Any], problems: list[str]) -> MethodConfig | None:

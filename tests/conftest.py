@@ -26,13 +26,15 @@ def ray_cluster():
     """A 2-CPU local Ray cluster shared by every test that trains (started on first use)."""
     import ray
 
-    from metacorrect.platform import quiet
+    from metacorrect.platform import quiet, workers
 
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=True, logging_level="ERROR",
                  runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
                                            "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-                                           quiet.ENV: quiet.ray_data_console_config()}})
+                                           quiet.ENV: quiet.ray_data_console_config()},
+                              # frees the resources of ASHA-stopped trials even with other Ray instances around
+                              "worker_process_setup_hook": workers.SETUP_HOOK})
     yield ray
     ray.shutdown()
 

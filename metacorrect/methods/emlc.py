@@ -34,7 +34,7 @@ Paper vs official code (both selectable; the paper's values are the defaults):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +64,12 @@ class EMLCConfig(MethodConfig):
     corruption: str = "adversarial"  # gate BCE on half of each clean batch: adversarial | random | none (official CIFAR)
     teacher_ce: bool = True  # the teacher's supervised CE on the clean batch (Eq. 12's L_CE)
     mix_clean: bool = False  # half the clean batch into the student's loss (official Clothing1M mix_g=True)
+
+    # Default sweep: look-ahead k, teacher lr (paper: 0.02 CIFAR, 0.1 Clothing1M), gate hidden size, student lr.
+    search_space: ClassVar[dict[str, Any]] = {"method.k": {"choice": [1, 2, 5, 10]},
+                                              "method.meta_lr": {"loguniform": [0.005, 0.2]},
+                                              "method.hidden_dim": {"choice": [64, 128, 256]},
+                                              "optim.lr": {"loguniform": [0.005, 0.2]}}
 
     def validate(self) -> list[str]:
         problems = meta_problems(self)

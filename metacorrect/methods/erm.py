@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -15,10 +16,15 @@ class ERMConfig(MethodConfig):
     name: str = "erm"
     use_clean: bool = True  # add the clean batch to every step (the usual "ERM on all labels" baseline)
 
+    search_space: ClassVar[dict[str, Any]] = {"optim.lr": {"loguniform": [0.005, 0.2]},
+                                              "optim.weight_decay": {"loguniform": [1e-5, 1e-3]}}
+
 
 @dataclass
 class CleanOnlyConfig(MethodConfig):
     name: str = "clean_only"
+
+    search_space: ClassVar[dict[str, Any]] = ERMConfig.search_space
 
 
 class ERM(Method):

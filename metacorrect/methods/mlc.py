@@ -29,7 +29,7 @@ Paper vs official code (both selectable):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -111,6 +111,11 @@ class MLCConfig(MethodConfig):
     mix_clean: bool = True  # half of each clean batch joins the student's loss, half is the meta batch
     skip: bool = False  # y = α·onehot(ỹ) + (1−α)·g(h(x), ỹ) (official --skip; advised for real noise)
     alpha: float | None = None  # with skip: null = learned per-sample α (extra LCN output), else fixed α
+
+    # Default sweep: the look-ahead k of the paper's ablation, the LCN's and the student's learning rates.
+    search_space: ClassVar[dict[str, Any]] = {"method.k": {"choice": [1, 2, 5, 10]},
+                                              "method.meta_lr": {"loguniform": [1e-4, 1e-2]},
+                                              "optim.lr": {"loguniform": [0.005, 0.2]}}
 
     def validate(self) -> list[str]:
         problems = meta_problems(self)

@@ -26,7 +26,7 @@ Choices (paper / official code and ours):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +51,11 @@ class MSLGConfig(MethodConfig):
     gamma: float = 1.0  # weight of the entropy term L_e (official 1)
     warmup_epochs: int = 1  # epochs of plain CE on the noisy labels first (official: 44 of 120 CIFAR-10, 1 Clothing1M)
     meta_grad: str = "fast"  # fast (JVP) | exact (create_graph reference, one worker)
+
+    # Default sweep: the label-logit scale K and the label step (the two the paper's code fixes per data set).
+    search_space: ClassVar[dict[str, Any]] = {"method.K": {"loguniform": [1.0, 1000.0]},
+                                              "method.label_lr": {"loguniform": [100.0, 20000.0]},
+                                              "method.warmup_epochs": {"choice": [0, 1, 2, 5]}}
 
     def validate(self) -> list[str]:
         problems = []

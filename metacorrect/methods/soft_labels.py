@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +54,10 @@ class SoftLabelsConfig(MethodConfig):
     p0: float = 0.9  # instance mode: initial mass on the given label (paper grid 0.3 / 0.5 / 0.7 / 0.9)
     entropy_weighting: bool = False  # weight samples by 1 − H(label)/log C (the paper's noisy-setting curriculum)
     meta_grad: str = "fast"  # fast (JVP) | exact (create_graph reference, one worker)
+
+    # Default sweep: the paper's grids (instance mode: p0 and the label lr; our lr scale, see README).
+    search_space: ClassVar[dict[str, Any]] = {"method.p0": {"choice": [0.3, 0.5, 0.7, 0.9]},
+                                              "method.label_lr": {"loguniform": [25.0, 10000.0]}}
 
     def validate(self) -> list[str]:
         problems = []

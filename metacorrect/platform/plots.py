@@ -61,3 +61,44 @@ def learning_curves(history: list[dict[str, float]], title: str):
     fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def metric_vs_param(values: list, metrics: list[float], param: str, metric: str, log_x: bool = False,
+                    labels: list[str] | None = None):
+    """One point per sweep trial: its best `metric` against the value of one searched `param`."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    if numeric:
+        xs = values
+    else:  # categorical values: one tick per distinct value, in first-seen order
+        categories = list(dict.fromkeys(str(v) for v in values))
+        xs = [categories.index(str(v)) for v in values]
+        ax.set_xticks(range(len(categories)), categories)
+    ax.scatter(xs, metrics, s=40)
+    for x, y, label in zip(xs, metrics, labels or []):
+        ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    if log_x and numeric:
+        ax.set_xscale("log")
+    ax.set_xlabel(param)
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    ax.set_title(f"{metric} vs {param}")
+    fig.tight_layout()
+    return fig
+
+
+def trial_curves(curves: dict[str, tuple[list[float], list[float]]], metric: str, title: str):
+    """Every trial's per-epoch `metric` in one panel (label -> (epochs, values))."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for label, (epochs, values) in curves.items():
+        ax.plot(epochs, values, marker="o", label=label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    if len(curves) <= 20:
+        ax.legend(fontsize=7)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig

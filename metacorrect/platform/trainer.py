@@ -26,6 +26,7 @@ from metacorrect.platform import checkpoint as ckpt
 from metacorrect.platform import plots, quiet, tracking
 from metacorrect.platform.loop import RunContext, train_loop_per_worker
 from metacorrect.platform.results import RunResult
+from metacorrect.platform.workers import SETUP_HOOK
 
 SPLIT_ACROSS_WORKERS = ["noisy", "noisy_eval", "val", "test"]
 
@@ -72,10 +73,22 @@ def ensure_ray() -> None:
         env = {"RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
         if not os.environ.get("RAY_ADDRESS"):
             env[quiet.ENV] = quiet.ray_data_console_config()
+        # Inside a Ray job, Ray refuses a driver runtime_env that names the job's env vars again.
+        env = {k: v for k, v in env.items() if k not in (_job_runtime_env().get("env_vars") or {})}
         os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
-        ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level=logging.WARNING,
-                 runtime_env={"env_vars": env})
+        runtime_env = {"env_vars": env}
+        if "worker_process_setup_hook" not in _job_runtime_env():
+            runtime_env["worker_process_setup_hook"] = SETUP_HOOK
+        ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level=logging.WARNING, runtime_env=runtime_env)
     quiet.quiet_this_process()
+
+
+def _job_runtime_env() -> dict[str, Any]:
+    """The runtime_env of the Ray job this driver runs in ({} outside `ray job submit`)."""
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    raw = os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR)
+    return (json.loads(raw).get("runtime_env") or {}) if raw else {}
 
 
 def run(config: ExperimentConfig | str | Path | dict[str, Any] | None = None,
@@ -83,9 +96,7 @@ def run(config: ExperimentConfig | str | Path | dict[str, Any] | None = None,
     """Train one method on one data set on Ray Train, tracked in MLflow; resumes a run of the same name."""
     cfg = as_config(config, overrides)
     started = time.time()
-    data_dir, meta = ensure_dataset(cfg.data, progress)
-    if meta.counts["clean_train"] == 0:  # every step draws a clean batch (erm mixes it in, meta methods learn on it)
-        raise DataError(f"{data_dir}: no clean_train split; prepare the data set with --clean-per-class > 0")
+    data_dir, meta = ensure_trainable_dataset(cfg.data, progress)
     ensure_ray()
 
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
@@ -93,25 +104,50 @@ def run(config: ExperimentConfig | str | Path | dict[str, Any] | None = None,
     name = cfg.tracking.run_name or (f"{cfg.method.name}-{data_dir.name}-"
                                      f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}")
     run_dir = storage / name
-    run_id, resumed = tracking.start_run(uri, cfg.tracking.experiment, name, run_dir,
-                                         tags={"method": cfg.method.name, "dataset": meta.name})
-    if not resumed:
-        _log_start(uri, run_id, cfg, meta, data_dir)
+    run_id, resumed = open_tracked_run(uri, cfg, meta, data_dir, name, run_dir)
     if progress:
         print(f"[metacorrect] {'resuming' if resumed else 'starting'} run {name}: {cfg.method.name} on {meta.name} "
               f"({meta.counts['noisy_train']} noisy, {meta.counts['clean_train']} clean), "
               f"{cfg.resources.num_workers} worker(s)")
+    trainer = build_trainer(cfg, data_dir, meta, name=name, storage=storage, uri=uri, run_id=run_id,
+                            progress=progress)
+    result = fit_tracked(trainer, uri, run_id, name, run_dir)
+    return finish_run(cfg, result.checkpoint, name=name, uri=uri, run_id=run_id, run_dir=run_dir,
+                      data_dir=data_dir, started=started)
 
+
+def ensure_trainable_dataset(data: DataConfig, progress: bool = True) -> tuple[Path, DatasetMeta]:
+    """`ensure_dataset`, and a data set every method can train on."""
+    data_dir, meta = ensure_dataset(data, progress)
+    if meta.counts["clean_train"] == 0:  # every step draws a clean batch (erm mixes it in, meta methods learn on it)
+        raise DataError(f"{data_dir}: no clean_train split; prepare the data set with --clean-per-class > 0")
+    return data_dir, meta
+
+
+def open_tracked_run(uri: str, cfg: ExperimentConfig, meta: DatasetMeta, data_dir: Path, name: str, run_dir: Path,
+                     tags: dict[str, str] | None = None) -> tuple[str, bool]:
+    """The MLflow run of training run `name` (reused when resuming, else created with params and start
+    artifacts). Returns (run_id, resumed)."""
+    run_id, resumed = tracking.start_run(uri, cfg.tracking.experiment, name, run_dir,
+                                         tags={"method": cfg.method.name, "dataset": meta.name} | (tags or {}))
+    if not resumed:
+        _log_start(uri, run_id, cfg, meta, data_dir)
+    return run_id, resumed
+
+
+def build_trainer(cfg: ExperimentConfig, data_dir: Path, meta: DatasetMeta, *, name: str, storage: Path, uri: str,
+                  run_id: str, callbacks: list[Any] | None = None, progress: bool = True) -> TorchTrainer:
+    """The `TorchTrainer` of one run (Ray must be up): the same `storage/name` resumes from its checkpoint."""
     workers = cfg.resources.num_workers
     cpus = _cpus_per_worker(cfg)
     datasets = _datasets(cfg, data_dir, meta)
-    resources = {"CPU": cpus} | ({"GPU": 1} if cfg.resources.use_gpu else {})
-    trainer = TorchTrainer(
+    resources = {"CPU": cpus} | ({"GPU": cfg.resources.gpus_per_worker} if cfg.resources.use_gpu else {})
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"experiment": cfg.to_dict(), "run": vars(RunContext(
             data_dir=str(data_dir), tracking_uri=uri, mlflow_run_id=run_id,
             torch_threads=max(1, math.floor(cpus)),
-            local_checkpoints=None if workers else str(run_dir / "local_checkpoints"), progress=progress))},
+            local_checkpoints=None if workers else str(storage / name / "local_checkpoints"), progress=progress))},
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=cfg.resources.use_gpu,
                                                resources_per_worker=resources if workers else None),
         datasets=datasets,
@@ -120,24 +156,33 @@ def run(config: ExperimentConfig | str | Path | dict[str, Any] | None = None,
             name=name, storage_path=str(storage),
             failure_config=ray.train.FailureConfig(max_failures=cfg.resources.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            logging_config=ray.train.LoggingConfig(log_level="WARNING")),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+            callbacks=callbacks),
     )
+
+
+def fit_tracked(trainer: TorchTrainer, uri: str, run_id: str, name: str, run_dir: Path) -> ray.train.Result:
+    """`trainer.fit()`; a failure ends the MLflow run as FAILED and raises one-line `RunFailed`."""
     try:
-        result = trainer.fit()
+        return trainer.fit()
     except Exception as e:
         tracking.end_run(uri, run_id, "FAILED")
         cause = getattr(e, "__cause__", None) or e
         raise RunFailed(f"run {name} failed: {str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__}"
                         f" (MLflow run {run_id}, Ray Train logs under {run_dir})") from e
 
-    checkpoint = result.checkpoint.path if result.checkpoint else None
-    with (result.checkpoint.as_directory() if result.checkpoint else contextlib.nullcontext(None)) as ckpt_dir:
+
+def finish_run(cfg: ExperimentConfig, checkpoint: ray.train.Checkpoint | None, *, name: str, uri: str, run_id: str,
+               run_dir: Path, data_dir: Path, started: float, status: str = "FINISHED") -> RunResult:
+    """The run's result read from its latest checkpoint; end artifacts logged and the MLflow run closed."""
+    with (checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None)) as ckpt_dir:
         history = ckpt.load_history(ckpt_dir) if ckpt_dir else []
         out = RunResult(run_name=name, method=cfg.method.name, metrics=history[-1] if history else {},
-                        history=history, mlflow_run_id=run_id, tracking_uri=uri, checkpoint_path=checkpoint,
+                        history=history, mlflow_run_id=run_id, tracking_uri=uri,
+                        checkpoint_path=checkpoint.path if checkpoint else None,
                         run_dir=str(run_dir), data_dir=str(data_dir), wall_s=time.time() - started,
                         config=cfg.to_dict())
-        _log_end(uri, run_id, cfg, out, ckpt_dir)
+        _log_end(uri, run_id, cfg, out, ckpt_dir, status)
     return out
 
 
@@ -218,7 +263,8 @@ def _log_start(uri: str, run_id: str, cfg: ExperimentConfig, meta: DatasetMeta, 
     _close(fig)
 
 
-def _log_end(uri: str, run_id: str, cfg: ExperimentConfig, result: RunResult, ckpt_dir: str | None) -> None:
+def _log_end(uri: str, run_id: str, cfg: ExperimentConfig, result: RunResult, ckpt_dir: str | None,
+             status: str = "FINISHED") -> None:
     c = tracking.client(uri)
     if result.history:
         fig = plots.learning_curves(result.history, f"{cfg.method.name} on {Path(result.data_dir).name}")
@@ -243,7 +289,7 @@ def _log_end(uri: str, run_id: str, cfg: ExperimentConfig, result: RunResult, ck
         if model_file.is_file():
             c.log_artifact(run_id, str(model_file), "model")
     c.log_metric(run_id, "wall_s", result.wall_s)
-    tracking.end_run(uri, run_id, "FINISHED")
+    tracking.end_run(uri, run_id, status)
 
 
 def _close(fig) -> None:

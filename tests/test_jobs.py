@@ -1,0 +1,159 @@
+"""`metacorrect submit`: a real Ray head (`ray start --head` on 127.0.0.1) and a real `mlflow server`, both
+started here in their own process groups on free ports and temp dirs, and stopped after (never `ray stop`,
+which would stop every Ray instance on the machine, including the test session's)."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from metacorrect.config import ConfigError
+
+BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except urllib.error.HTTPError:  # answering (e.g. 401 from a head with token authentication)
+            return
+        except Exception:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout}s")
+
+
+def _stop_group(pgid: int) -> None:
+    """SIGTERM the process group we started, then SIGKILL what is left of it."""
+    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 0.0)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.time() + wait
+        while time.time() < deadline:
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
+
+
+@pytest.fixture
+def ray_head():
+    """A one-node Ray cluster of its own (ports and temp dir apart from the session's cluster)."""
+    gcs, dashboard, client, agent, agent_grpc, metrics, env_agent = _free_ports(7)
+    temp_dir = tempfile.mkdtemp(prefix="mcray", dir="/tmp")  # short: Ray's socket paths have a length limit
+    env = os.environ | {"PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("RAY_ADDRESS", None)
+    start = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}",
+         f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+         f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={env_agent}", "--num-cpus=2",
+         f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = start.communicate(timeout=180)
+        assert start.returncode == 0, out
+        address = f"http://127.0.0.1:{dashboard}"
+        _wait_http(f"{address}/api/version", 60)
+        yield address
+    finally:
+        _stop_group(start.pid)  # every process of this head stays in the group of `ray start`
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    (port,) = _free_ports(1)
+    server = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        uri = f"http://127.0.0.1:{port}"
+        _wait_http(f"{uri}/health", 120, server)
+        yield uri
+    finally:
+        _stop_group(server.pid)
+
+
+def test_runtime_env_ships_the_project_without_data_and_forwards_tracking(monkeypatch):
+    from metacorrect.platform.jobs import build_runtime_env, parse_env, project_root
+
+    root = project_root(ROOT / "metacorrect" / "platform")
+    assert root == ROOT
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking:5000")
+    env = build_runtime_env(root, "project", parse_env(["EXTRA=1"]))
+    assert env["working_dir"] == str(ROOT)
+    assert {"/data/", "/mlruns/", "/.venv/", "/runs/", "/.git/"} <= set(env["excludes"])
+    assert any(r.startswith("ray[") for r in env["pip"]) and any(r.startswith("mlflow") for r in env["pip"])
+    assert env["env_vars"] == {"MLFLOW_TRACKING_URI": "http://tracking:5000", "EXTRA": "1"}
+    assert "pip" not in build_runtime_env(root, "none")
+    with pytest.raises(ConfigError, match="--env 'X': expected KEY=VALUE"):
+        parse_env(["X"])
+    with pytest.raises(ConfigError, match="--pip nope.txt: expected project, none or a requirements file"):
+        build_runtime_env(root, "nope.txt")
+
+
+@pytest.mark.slow
+def test_submit_runs_a_digits_job_whose_run_and_artifacts_reach_the_mlflow_server(
+        ray_head, mlflow_server, digits_noisy, tmp_path, capsys, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from metacorrect import cli
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    code = cli.main([
+        "submit", "--address", ray_head, "--pip", "none", "--env", f"MLFLOW_TRACKING_URI={mlflow_server}",
+        "--follow", "--", "run", "configs/digits_demo.yaml", "--set", f"data.path={digits_noisy}",
+        "--set", "train.epochs=1", "--set", "resources.num_workers=1", "--set", "model.width=8",
+        "--set", "train.eval_noisy_train=false", "--set", f"tracking.storage_path={tmp_path / 'runs'}",
+        "--set", "tracking.experiment=jobs"])
+    out = capsys.readouterr().out
+    assert code == 0, out[-3000:]
+    job_id = re.search(r"submitted job (\S+) to", out).group(1)
+    assert f"job {job_id}: SUCCEEDED" in out
+    assert "[metacorrect] epoch 1/1" in out, "--follow streams the job's logs"
+
+    client = MlflowClient(mlflow_server)
+    runs = client.search_runs([client.get_experiment_by_name("jobs").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    run_id = runs[0].info.run_id
+    assert [m.step for m in client.get_metric_history(run_id, "val_accuracy")] == [1]
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"config.yaml", "model", "plots"} <= artifacts
+    model = Path(client.download_artifacts(run_id, "model/model.pt", str(tmp_path)))
+    assert model.stat().st_size > 1000, "artifacts went through the server to its artifact store"
+
+    assert cli.main(["submit", "--address", ray_head, "--pip", "none", "--follow", "--", "run",
+                     "configs/does_not_exist.yaml"]) == 1, "a failed job gives a non-zero exit status"

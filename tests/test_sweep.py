@@ -1,0 +1,211 @@
+"""Sweeps: search spaces, a real Ray Tune sweep of Ray Train trials with ASHA, nested MLflow runs, resume."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from metacorrect.config import ConfigError, ExperimentConfig
+
+SPACE = {"optim.lr": {"loguniform": [0.01, 0.2]}, "train.seed": {"grid": [0, 1]}}
+
+
+def _config(data_path, workdir, tracking_uri, experiment, epochs=2):
+    # Tiny on purpose: the cost of a trial on 2 cores is Ray Train's start (~15 s), not the epochs.
+    return ExperimentConfig.from_dict({
+        "data": {"path": str(data_path)}, "train": {"epochs": epochs, "eval_noisy_train": False},
+        "model": {"arch": "small_cnn", "width": 8}, "resources": {"num_workers": 1, "max_failures": 0},
+        "tracking": {"uri": tracking_uri, "storage_path": str(workdir / "sweeps"), "experiment": experiment}})
+
+
+def _children(uri, parent_id):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    parent = client.get_run(parent_id)
+    return client, client.search_runs([parent.info.experiment_id],
+                                      filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+
+
+# ---- spaces (no Ray) ------------------------------------------------------------------------------------
+def test_every_method_declares_a_valid_default_space():
+    from metacorrect.methods import METHODS
+    from metacorrect.tuning.space import load_space, to_tune
+
+    for name in METHODS:
+        cfg = ExperimentConfig().for_method(name)
+        space = load_space(None, cfg)
+        assert space and set(to_tune(space)) == set(space), name
+    mlc = load_space(None, ExperimentConfig().for_method("mlc"))
+    assert mlc["method.k"] == {"choice": [1, 2, 5, 10]} and "loguniform" in mlc["method.meta_lr"]
+    assert "method.hidden_dim" in load_space(None, ExperimentConfig().for_method("emlc"))
+
+
+def test_space_yaml_forms_are_normalised(tmp_path):
+    from metacorrect.tuning.space import load_space
+
+    path = tmp_path / "space.yaml"
+    path.write_text("optim.lr: {loguniform: [1e-3, 1e-1]}\nmethod.k: [1, 5]\nmodel.width: {randint: [8, 16]}\n"
+                    "train.seed: {grid: [0, 1]}\n")
+    space = load_space(path, ExperimentConfig().for_method("mlc"))
+    assert space == {"optim.lr": {"loguniform": [1e-3, 1e-1]}, "method.k": {"choice": [1, 5]},
+                     "model.width": {"randint": [8, 16]}, "train.seed": {"grid": [0, 1]}}
+
+
+def test_invalid_space_fails_before_any_trial_with_one_line_per_problem(tmp_path, capsys):
+    from metacorrect import cli
+    from metacorrect.tuning import sweep
+
+    storage = tmp_path / "sweeps"
+    cfg = ExperimentConfig().for_method("mlc").with_values({"tracking.storage_path": str(storage),
+                                                            "tracking.uri": f"sqlite:///{tmp_path}/m.db"})
+    bad = {"optim.lrr": {"loguniform": [0.01, 0.1]}, "method.k": {"choice": []},
+           "optim.momentum": {"uniform": [0.9, 0.5]}, "method.meta_lr": {"loguniform": [0.0, 0.1]},
+           "model.width": [0, 8]}
+    with pytest.raises(ConfigError) as e:
+        sweep(cfg, bad, num_samples=2)
+    problems = e.value.problems
+    assert any("optim.lrr: unknown config field" in p and "optim.lr" in p for p in problems)
+    assert any("method.k: choice has no values" in p for p in problems)
+    assert any("optim.momentum: empty range [0.9, 0.5]" in p for p in problems)
+    assert any("method.meta_lr: loguniform needs low > 0" in p for p in problems)
+    assert not storage.exists(), "nothing was started or written"
+    assert not (tmp_path / "m.db").exists()
+
+    with pytest.raises(ConfigError, match="model.width=0: model.width: must be >= 1"):
+        sweep(cfg, {"model.width": [0, 8]}, num_samples=2)
+    with pytest.raises(ConfigError, match="scheduler: 'pbt'"):
+        sweep(cfg, None, scheduler="pbt")
+    with pytest.raises(ConfigError, match="metric: expected a validation metric"):
+        sweep(cfg, None, metric="test_accuracy")
+
+    config_file = tmp_path / "c.yaml"
+    cfg.to_yaml(config_file)
+    space_file = tmp_path / "s.yaml"
+    space_file.write_text(yaml.safe_dump({"optim.lr": {"uniform": [0.2, 0.1]}, "nope.x": [1]}))
+    assert cli.main(["sweep", str(config_file), "--space", str(space_file)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith(f"error: {space_file}: ") for line in err)
+    assert not storage.exists()
+
+
+# ---- real sweeps ------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_sweep_of_4_trials_with_asha_tracks_nested_runs_and_best_config_runs(
+        ray_cluster, digits_noisy, workdir, tracking_uri, tmp_path):
+    import metacorrect
+    from metacorrect.platform.trainer import run
+
+    cfg = _config(digits_noisy, workdir, tracking_uri, "sweep-tests")
+    result = metacorrect.sweep(cfg, SPACE, num_samples=2, scheduler="asha", max_concurrent_trials=2,
+                               name="asha4")  # 2 samples x grid of 2 seeds = 4 trials
+
+    table = result.trials
+    assert len(table) == 4 and table["trial_id"].is_unique
+    assert sorted(table["train.seed"]) == [0, 0, 1, 1]
+    assert set(table["status"]) <= {"finished", "stopped early"} and "finished" in set(table["status"])
+    assert table["best_val_accuracy"].notna().all()
+    assert list(table["best_val_accuracy"]) == sorted(table["best_val_accuracy"], reverse=True)  # best first
+    for _, row in table.iterrows():  # ASHA (grace 1, reduction 2) stops trials after epoch 1, others run 2
+        assert row["epochs"] == (2 if row["status"] == "finished" else 1)
+
+    client, children = _children(result.tracking_uri, result.parent_run_id)
+    assert len(children) == 4, "one nested child run per trial"
+    assert {c.data.tags["trial_id"] for c in children} == set(table["trial_id"])
+    for child in children:
+        assert child.info.status == "FINISHED"
+        history = client.get_metric_history(child.info.run_id, "val_accuracy")
+        epochs = int(table.loc[table["trial_id"] == child.data.tags["trial_id"], "epochs"].iloc[0])
+        assert [m.step for m in history] == list(range(1, epochs + 1))
+        assert {"config.yaml", "model", "plots"} <= {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert float(child.data.params["optim.lr"]) == pytest.approx(
+            float(table.loc[table["trial_id"] == child.data.tags["trial_id"], "optim.lr"].iloc[0]))
+
+    parent = client.get_run(result.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["best_val_accuracy"] == pytest.approx(table["best_val_accuracy"].max())
+    artifacts = {a.path for a in client.list_artifacts(result.parent_run_id)}
+    assert {"trials.csv", "space.yaml", "best_config.yaml", "config.yaml"} <= artifacts
+    plots = {a.path for a in client.list_artifacts(result.parent_run_id, "plots")}
+    assert plots == {"plots/learning_curves.png", "plots/val_accuracy_vs_optim.lr.png",
+                     "plots/val_accuracy_vs_train.seed.png"}
+    for plot in plots:
+        assert Path(client.download_artifacts(result.parent_run_id, plot, str(tmp_path))).stat().st_size > 5000
+    trials_csv = Path(client.download_artifacts(result.parent_run_id, "trials.csv", str(tmp_path)))
+    assert len(trials_csv.read_text().strip().splitlines()) == 5
+
+    best_row = table.iloc[0]
+    best_file = result.save_best(tmp_path / "best.yaml")
+    best = ExperimentConfig.from_yaml(best_file)
+    assert best.optim.lr == pytest.approx(best_row["optim.lr"]) and best.train.seed == best_row["train.seed"]
+    assert best.tracking.run_name is None and best.resources.cpus_per_worker is None  # the user's resources
+    again = run(best, ["train.epochs=1", "resources.num_workers=0"], progress=False)
+    assert again.metrics["epoch"] == 1 and 0.0 <= again.metrics["val_accuracy"] <= 1.0
+
+    with pytest.raises(ConfigError, match="already exists.*--resume"):
+        metacorrect.sweep(cfg, SPACE, num_samples=2, name="asha4")
+
+
+@pytest.mark.slow
+def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(
+        ray_cluster, digits_noisy, workdir, tracking_uri, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    import metacorrect
+
+    cfg = _config(digits_noisy, workdir, tracking_uri, "sweep-resume", epochs=1)
+    config_file, space_file = tmp_path / "config.yaml", tmp_path / "space.yaml"
+    cfg.to_yaml(config_file)
+    space = {"optim.lr": {"loguniform": [0.01, 0.2]}}
+    space_file.write_text(yaml.safe_dump(space))
+    command = [sys.executable, "-m", "metacorrect", "sweep", str(config_file), "--space", str(space_file),
+               "--num-samples", "3", "--max-concurrent", "2", "--scheduler", "fifo", "--name", "killed"]
+    env = os.environ | {"RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address,
+                        "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                              start_new_session=True)
+    finished, lines = None, []
+    try:
+        deadline = time.time() + 300
+        for line in driver.stdout:
+            lines.append(line)
+            if line.startswith("[sweep] trial ") and " finished" in line:
+                finished = line.split()[2]
+                break
+            assert time.time() < deadline, "no trial finished in time:\n" + "".join(lines[-30:])
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver dies mid-sweep, as on a crash
+        driver.wait()
+    assert finished, "".join(lines[-30:])
+
+    run_dir = workdir / "sweeps" / "killed" / "trial_runs" / f"trial-{finished}"
+    client = MlflowClient(tracking_uri)
+    finished_run = client.get_run(__import__("json").loads((run_dir / "mlflow_run.json").read_text())["run_id"])
+    assert finished_run.info.status == "FINISHED"
+    checkpoints = sorted(p.name for p in run_dir.glob("checkpoint_*"))
+    started_before = {p.name for p in (workdir / "sweeps" / "killed" / "trial_runs").iterdir()}
+
+    result = metacorrect.sweep(cfg, space, num_samples=3, scheduler="fifo", max_concurrent_trials=2, name="killed",
+                               resume=True, progress=False)
+    table = result.trials
+    assert len(table) == 3 and table["trial_id"].is_unique, "total trials = requested"
+    assert (table["status"] == "finished").all()
+    assert finished in set(table["trial_id"]) and started_before <= {f"trial-{t}" for t in table["trial_id"]}
+    again = client.get_run(finished_run.info.run_id)
+    assert again.info.end_time == finished_run.info.end_time, "the finished trial was not run again"
+    assert sorted(p.name for p in run_dir.glob("checkpoint_*")) == checkpoints
+    assert len(client.get_metric_history(finished_run.info.run_id, "val_accuracy")) == 1
+
+    _, children = _children(tracking_uri, result.parent_run_id)
+    assert len(children) == 3, "exactly one MLflow child run per trial"
+    assert sorted(c.data.tags["trial_id"] for c in children) == sorted(table["trial_id"])
+    assert all(c.info.status == "FINISHED" for c in children)
+    parents = client.search_runs([client.get_run(result.parent_run_id).info.experiment_id],
+                                 filter_string="tags.`sweep.role` = 'parent'")
+    assert len(parents) == 1, "the resumed sweep reuses its parent run"

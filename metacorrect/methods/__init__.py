@@ -4,8 +4,11 @@ from __future__ import annotations
 from metacorrect.methods.base import Batch, Method
 from metacorrect.methods.emlc import EMLC
 from metacorrect.methods.erm import ERM, CleanOnly
+from metacorrect.methods.ieg import IEG
+from metacorrect.methods.l2rw import L2RW
 from metacorrect.methods.mlc import MLC
+from metacorrect.methods.mwnet import MWNet
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (ERM, CleanOnly, MLC, EMLC)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (ERM, CleanOnly, MLC, EMLC, IEG, MWNet, L2RW)}
 
 __all__ = ["METHODS", "Batch", "Method"]

@@ -1,4 +1,5 @@
-"""Step time and peak memory of `mlc` and `emlc` (k = 1 and 5, fast vs exact meta-gradient) relative to `erm`.
+"""Step time and peak memory of `mlc`, `emlc` (k = 1 and 5), `ieg`, `mwnet`, `l2rw` (fast vs exact meta-gradient)
+relative to `erm`.
 
 One process, the same student (same seed) and the same pre-generated random batches for every row.
 Time: per-step time averaged over blocks of 5 steps (so k = 5 is amortised over its meta step), the median
@@ -29,7 +30,9 @@ from metacorrect.platform.collective import Collective
 
 BLOCK = 5  # steps per timing block: a multiple of every k measured, so meta steps are amortised
 
-ROWS = [("erm", 1, "-")] + [(name, k, mode) for name in ("mlc", "emlc") for k in (1, 5) for mode in ("fast", "exact")]
+ROWS = ([("erm", 1, "-")] + [(name, k, mode) for name in ("mlc", "emlc") for k in (1, 5) for mode in ("fast", "exact")]
+        + [(name, 1, mode) for name in ("ieg", "mwnet", "l2rw") for mode in ("fast", "exact")])
+ONE_STEP = ("ieg", "mwnet", "l2rw")  # decide before the real step from one look-ahead: no k
 
 
 class RSSPeak:
@@ -74,8 +77,10 @@ def make_batches(args, device: torch.device, count: int) -> list[tuple[Batch, Ba
     shape = (args.channels, args.image, args.image)
     out = []
     for _ in range(count):
+        # One strongly augmented view per noisy image (IEG's; the other methods ignore Batch.views).
         noisy = Batch(torch.arange(args.batch), torch.randn(args.batch, *shape, generator=g).to(device),
-                      torch.randint(0, args.classes, (args.batch,), generator=g).to(device), float(args.batch))
+                      torch.randint(0, args.classes, (args.batch,), generator=g).to(device), float(args.batch),
+                      views=torch.randn(1, args.batch, *shape, generator=g).to(device))
         clean = Batch(torch.arange(args.clean_batch), torch.randn(args.clean_batch, *shape, generator=g).to(device),
                       torch.randint(0, args.classes, (args.clean_batch,), generator=g).to(device),
                       float(args.clean_batch))
@@ -85,7 +90,8 @@ def make_batches(args, device: torch.device, count: int) -> list[tuple[Batch, Ba
 
 def measure(args, name: str, k: int, mode: str, device: torch.device, data) -> tuple[float, float]:
     """(median per-step seconds, peak MiB above the start) of one method setting."""
-    method_cfg = {"name": name} if name == "erm" else {"name": name, "k": k, "meta_grad": mode}
+    method_cfg = ({"name": name} if name == "erm" else {"name": name, "meta_grad": mode} if name in ONE_STEP
+                  else {"name": name, "k": k, "meta_grad": mode})
     cfg = ExperimentConfig.from_dict({"method": method_cfg, "model": {"arch": args.arch, "width": args.width},
                                       "resources": {"num_workers": 1}})
     torch.manual_seed(0)
@@ -141,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=1, help=f"untimed blocks of {BLOCK} steps")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
-    p.add_argument("--only", default=None, help="comma-separated methods to run besides erm, e.g. emlc")
+    p.add_argument("--only", default=None, help="comma-separated methods to run besides erm, e.g. emlc,ieg")
     args = p.parse_args(argv)
     args.clean_batch = args.clean_batch or max(2, args.batch // 2)
     if args.threads:
@@ -172,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
         if mode == "fast" and (name, k, "exact") in results:
             speed = f"{results[name, k, 'exact'][0] / t:.2f}×"
         ratio_m = f"{m / erm_m:.2f}×" if erm_m > 0.5 else "-"
-        print(f"| {name} | {k if name != 'erm' else '-'} | {mode} | {t * 1e3:.1f} | {t / erm_t:.2f}× | {speed} | "
+        print(f"| {name} | {k if name not in ('erm',) + ONE_STEP else '-'} | {mode} | {t * 1e3:.1f} | {t / erm_t:.2f}× | {speed} | "
               f"{m:.0f} | {ratio_m} |")
     checks = []
     if ("emlc", 1, "fast") in results:

@@ -192,6 +192,8 @@ def test_ieg_step_moves_the_model_and_the_ema_follows(float64_one_thread):
     for out in outs:
         assert {"train_loss", "meta_loss", "consistency", "weight_zero_fraction", "given_label_fraction"} <= set(out)
         assert out["consistency"] > 0  # the views differ from the originals
+    last = batch(13, 12, views=1)  # the platform reads ω*·B of the last step per id (mean 1 over the batch)
+    torch.testing.assert_close(method.sample_weights(last).mean(), torch.tensor(1.0, dtype=torch.float32))
     ema = method.eval_models()["ema"]
     # TF's num_updates warm-up: decay min(0.999, (1+t)/(10+t)) = 2/11, 3/12, 4/13 for t = 1, 2, 3.
     assert method.ema_updates == 3
@@ -288,8 +290,9 @@ def _two_worker_results(rank: int, collective) -> dict:
             else:
                 for _ in range(2):
                     method.step(noisy, clean)
-                meta = list(method.vnet.parameters()) if name == "mwnet" else []
-                out[name, str(extra), stand_in] = (flat(method.model.parameters()), flat(meta) if meta else None)
+                # MW-Net: the VNet; L2RW: the table of the weights every noisy id got (gathered from both ranks).
+                other = flat(method.vnet.parameters()) if name == "mwnet" else method.table.values.nan_to_num(-1.0)
+                out[name, str(extra), stand_in] = (flat(method.model.parameters()), other)
     return out
 
 
@@ -331,8 +334,8 @@ def test_two_workers_equal_one_worker(tmp_path, float64_one_thread):
             continue
         for rank in ranks:
             for got, want in zip(rank[key], value):
-                if want is not None:
-                    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12, msg=lambda m: f"{key}: {m}")
+                torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12, msg=lambda m: f"{key}: {m}")
+    assert (single["l2rw", "{}", False][1][:8] >= 0).all()  # every id of the batch got its weight recorded
     for name in ("l2rw", "mwnet"):  # the stand-in's rows really are left out
         assert not torch.allclose(single[name, "{}", False][0], single[name, "{}", True][0])
 

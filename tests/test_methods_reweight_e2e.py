@@ -7,7 +7,8 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-EPOCHS = 6
+EPOCHS = 5  # erm and ieg, compared
+WEIGHT_EPOCHS = 2  # mwnet and l2rw: run end to end and log their weights
 NOISY_ROWS = 1138  # digits with 10 clean and 20 val images per class and a 20% test split
 
 
@@ -30,12 +31,13 @@ def runs(ray_cluster, digits_noisy, digits_pair, workdir, tracking_uri):
     plan = {"sym60": (digits_noisy, ("erm", "ieg", "mwnet", "l2rw")), "pair40": (digits_pair, ("erm", "ieg"))}
     results = {}
     for noise, (path, methods) in plan.items():
-        common = [f"data.path={path}", f"train.epochs={EPOCHS}", f"tracking.uri={tracking_uri}",
-                  f"tracking.storage_path={workdir / 'runs'}", "tracking.experiment=tests-reweight",
-                  "resources.num_workers=1", "data.deterministic=true"]
+        common = [f"data.path={path}", f"tracking.uri={tracking_uri}", f"tracking.storage_path={workdir / 'runs'}",
+                  "tracking.experiment=tests-reweight", "resources.num_workers=1", "data.deterministic=true"]
         for method in methods:
             config = "configs/digits_demo.yaml" if method == "erm" else f"configs/digits_{method}.yaml"
-            results[noise, method] = run(ExperimentConfig.from_yaml(config, common), progress=False)
+            epochs = EPOCHS if method in ("erm", "ieg") else WEIGHT_EPOCHS
+            results[noise, method] = run(ExperimentConfig.from_yaml(config, common + [f"train.epochs={epochs}"]),
+                                         progress=False)
     return results
 
 
@@ -60,15 +62,16 @@ def test_ieg_logs_the_ema_model_and_trains_on_worker_made_views(runs):
         assert all(m.value > 0 for m in client.get_metric_history(result.mlflow_run_id, "consistency"))
 
 
-@pytest.mark.parametrize("method", ["mwnet", "l2rw"])
+@pytest.mark.parametrize("method", ["mwnet", "l2rw", "ieg"])
 def test_reweighting_methods_log_weight_histograms(runs, method):
     from mlflow.tracking import MlflowClient
 
     result = runs["sym60", method]
     client = MlflowClient(result.tracking_uri)
+    epochs = EPOCHS if method == "ieg" else WEIGHT_EPOCHS
     for key in ("weight_mean_clean", "weight_mean_corrupted", "meta_loss"):
-        assert len(client.get_metric_history(result.mlflow_run_id, key)) == EPOCHS, key
-    assert result.metrics["test_at_best_val"] > 0.5
+        assert len(client.get_metric_history(result.mlflow_run_id, key)) == epochs, key
+    assert result.metrics["test_at_best_val"] > 0.3  # 2 epochs on 60% noise: learning, not converged
     png = client.download_artifacts(result.mlflow_run_id, "plots/sample_weights.png")
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -83,6 +86,9 @@ def test_reweighting_methods_log_weight_histograms(runs, method):
     assert corrupted_mean == pytest.approx(result.metrics["weight_mean_corrupted"], rel=1e-5)
 
 
-def test_erm_and_ieg_log_no_sample_weights(runs):
-    for method in ("erm", "ieg"):
-        assert "weight_mean_clean" not in runs["sym60", method].metrics
+def test_erm_logs_no_sample_weights(runs):
+    from mlflow.tracking import MlflowClient
+
+    result = runs["sym60", "erm"]
+    assert "weight_mean_clean" not in result.metrics
+    assert not [a for a in MlflowClient(result.tracking_uri).list_artifacts(result.mlflow_run_id) if a.path == "weights"]

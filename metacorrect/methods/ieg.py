@@ -5,8 +5,8 @@ reference/methods.md §5). The poster's Algorithm 1, per step on a noisy batch X
    the platform on the worker: `Batch.views`), each logit tensor divided by its RMS (`logit_norm`), softmaxes
    averaged, sharpened with temperature T (0.5).
 2. Data coefficients from ONE look-ahead at the current weights w, starting from ω_i = 1/B and λ_i = 0.9:
-   lower loss Σ_i ω_i CE(λ_i·onehot(ỹ_i) + (1 − λ_i)·g(x_i)), look-ahead w' = w − 0.1·(0.9·buf + ∇ + wd·w)
-   (the optimizer's momentum buffer), g' = ∇ [probe CE + wd] at w'. One forward-mode JVP of −log_softmax
+   lower loss Σ_i ω_i CE(λ_i·onehot(ỹ_i) + (1 − λ_i)·g(x_i)),
+   look-ahead w' = w − 0.1·(0.9·buf + ∇ + wd·w) (buf: the optimizer's momentum buffer), g' = ∇ [probe CE + wd] at w'. One forward-mode JVP of −log_softmax
    through the student at w along 0.1·g' gives both meta-gradients (reference §1.2):
        ∂L/∂ω_i = −⟨a_i, jvp_i⟩ ,   ∂L/∂λ_i = −ω_i ⟨onehot(ỹ_i) − g(x_i), jvp_i⟩.
    ω* = max(0, −∂L/∂ω) normalised to sum 1 (L2R); λ*_i = 1 if ∂L/∂λ_i < 0 else 0 (binary selection).
@@ -45,7 +45,7 @@ from metacorrect.config import MethodConfig
 from metacorrect.datasets.stream import STRONG_AUGMENTS
 from metacorrect.methods.base import Batch, Method
 from metacorrect.methods.metagrad import exact_mixed_grads, frozen_running_stats, lower_jvp, virtual_step
-from metacorrect.methods.reweight import (Rows, current_state, mean_clean_gradient, mean_gradient,
+from metacorrect.methods.reweight import (Rows, WeightTable, current_state, mean_clean_gradient, mean_gradient,
                                           normalised_weights, rows_of)
 
 MODES = ("fast", "exact")
@@ -144,6 +144,7 @@ class IEG(Method):
             for p in self.ema.parameters():
                 p.requires_grad_(False)
         self.ema_updates = 0
+        self.table = WeightTable(num_noisy, next(model.parameters()).device)  # ω* per noisy id, for the platform
 
     # ---- step 2: data coefficients --------------------------------------------------------------------
     def data_coefficients(self, noisy: Batch, clean: Batch, guess: Tensor, logits: Tensor | None = None
@@ -233,6 +234,7 @@ class IEG(Method):
         view_logits = self.model(views.flatten(0, 1))
         guess = pseudo_labels([logits] + list(view_logits.split(n)), m.temperature)
         co = self.data_coefficients(noisy, clean, guess, logits)
+        self.table.record(noisy.ids, co.weight, co.rows.share, self.collective)
 
         onehot = F.one_hot(noisy.label, self.num_classes).to(logits.dtype)
         chosen = co.mix.unsqueeze(1) * onehot + (1 - co.mix.unsqueeze(1)) * guess
@@ -249,6 +251,10 @@ class IEG(Method):
                 "consistency": float(kl.detach()),
                 "weight_zero_fraction": float((co.weight == 0).to(torch.float64).mean()),
                 "given_label_fraction": float(co.mix.to(torch.float64).mean())}
+
+    def sample_weights(self, noisy: Batch) -> Tensor:
+        """ω*·B (mean 1 over its training batch) each sample got the last time it was trained on."""
+        return self.table.lookup(noisy.ids)
 
     # ---- EMA ------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -271,9 +277,12 @@ class IEG(Method):
         return {"ema": self.ema}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"ema": None if self.ema is None else self.ema.state_dict(), "ema_updates": self.ema_updates}
+        return {"ema": None if self.ema is None else self.ema.state_dict(), "ema_updates": self.ema_updates,
+                "weights": self.table.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
         self.ema_updates = int(state.get("ema_updates", 0))
+        if "weights" in state:
+            self.table.load_state_dict(state["weights"])

@@ -7,8 +7,8 @@ Per step, at the current weights w and with no meta-model:
     u_i   = max(0, s_i) normalised to sum 1 over the batch  (stop-gradient; all zero if no row helps)
     step  on Σ_i u_i ℓ_i
 
-s_i is −∂L_clean(w − ε Σ_j u_j ∇ℓ_j)/∂u_i at ε → 0 over ε, the official code's `tf.gradients(grads_a, eps,
-grad_ys=grads_b)` at ε = 0 (a unit look-ahead that leaves w unchanged). Through the engine's "weighted" family,
+s_i is −∂L_clean(w − ε Σ_j u_j ∇ℓ_j)/∂u_i / ε at ε → 0: the official code's
+`tf.gradients(grads_a, eps, grad_ys=grads_b)` at ε = 0 (a unit look-ahead that leaves w unchanged). Through the engine's "weighted" family,
 so the network is never rebuilt and there is no second-order autograd; `meta_grad: exact` computes the same
 scores by double backward (the reference). With batch norm, ℓ_i depends on the whole batch through the batch
 statistics; the JVP and the exact path both include that, as the official double-grad does.
@@ -29,8 +29,9 @@ from torch import Tensor
 
 from metacorrect.config import MethodConfig
 from metacorrect.methods.base import Batch, Method
-from metacorrect.methods.metagrad import exact_mixed_grads, frozen_running_stats, lower_jvp
-from metacorrect.methods.reweight import Rows, current_state, mean_clean_gradient, normalised_weights, rows_of
+from metacorrect.methods.metagrad import exact_mixed_grads, lower_jvp
+from metacorrect.methods.reweight import (Rows, WeightTable, current_state, mean_clean_gradient,
+                                          normalised_weights, rows_of)
 
 MODES = ("fast", "exact")
 
@@ -66,19 +67,19 @@ class L2RW(Method):
 
     def __init__(self, cfg, model, optimizer, num_classes, num_noisy, collective, image_shape=None):
         super().__init__(cfg, model, optimizer, num_classes, num_noisy, collective, image_shape)
-        self._clean_grad: dict[str, Tensor] | None = None  # the last step's g_c (for `sample_weights`)
+        self.table = WeightTable(num_noisy, next(model.parameters()).device)
 
     def example_weights(self, noisy: Batch, clean: Batch) -> tuple[Tensor, Rows, float]:
         """(mean-1 weights u of the noisy rows, their Rows, the clean CE at w), before any step."""
         params, buffers = current_state(self.model)
         g_clean, clean_loss = mean_clean_gradient(self.model, params, buffers, clean, self.collective)
-        self._clean_grad = {n: g.detach() for n, g in g_clean.items()}
         scores = per_sample_scores(self.model, params, buffers, noisy.x, noisy.label, g_clean, self.mcfg.meta_grad)
         rows = rows_of(noisy, self.collective)
         return normalised_weights(scores, rows, self.collective), rows, clean_loss
 
     def step(self, noisy: Batch, clean: Batch) -> dict[str, float]:
-        u, _, clean_loss = self.example_weights(noisy, clean)
+        u, rows, clean_loss = self.example_weights(noisy, clean)
+        self.table.record(noisy.ids, u, rows.share, self.collective)
         ce = F.cross_entropy(self.model(noisy.x), noisy.label, reduction="none")
         loss = (u * ce).mean() if len(ce) else ce.sum()
         self.optimizer_step(loss, noisy.weight)
@@ -86,18 +87,13 @@ class L2RW(Method):
                 "clean_loss": clean_loss, "meta_loss": clean_loss,
                 "weight_zero_fraction": float((u == 0).double().mean()) if len(u) else 0.0}
 
-    @torch.no_grad()
-    def sample_weights(self, noisy: Batch) -> Tensor | None:
-        """The weights L2RW would give `noisy` now against the last step's clean gradient, normalised to
-        mean 1 over this batch (in the model's current mode: eval during evaluation)."""
-        if self._clean_grad is None or len(noisy) == 0:
-            return None
-        params, buffers = current_state(self.model)
-        with torch.enable_grad(), frozen_running_stats(self.model):
-            scores = per_sample_scores(self.model, params, buffers, noisy.x, noisy.label, self._clean_grad)
-        clipped = scores.clamp(min=0.0)
-        total = clipped.sum()
-        return clipped * (len(clipped) / total) if total > 0 else clipped
+    def sample_weights(self, noisy: Batch) -> Tensor:
+        """The weight (mean 1 over its training batch) each sample got the last time it was trained on."""
+        return self.table.lookup(noisy.ids)
 
     def state_dict(self) -> dict[str, Any]:
-        return {}
+        return {"weights": self.table.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "weights" in state:
+            self.table.load_state_dict(state["weights"])

@@ -62,7 +62,8 @@ class MWNetConfig(MethodConfig):
 
 
 class VNet(nn.Module):
-    """Linear(1, h) → ReLU → Linear(h, 1) → sigmoid on each sample's loss (PyTorch's default init, as official)."""
+    """Linear(1, h) → ReLU → Linear(h, 1) → sigmoid on each sample's loss (PyTorch's default init, as in
+    the official code)."""
 
     def __init__(self, hidden_dim: int = 100):
         super().__init__()

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from metacorrect.methods.base import Batch
 from metacorrect.methods.metagrad import clean_gradient
 
-__all__ = ["Rows", "current_state", "mean_clean_gradient", "mean_gradient", "normalised_weights", "rows_of"]
+__all__ = ["Rows", "WeightTable", "current_state", "mean_clean_gradient", "mean_gradient", "normalised_weights", "rows_of"]
 
 
 @dataclass
@@ -77,3 +77,27 @@ def normalised_weights(scores: Tensor, rows: Rows, collective: Any) -> Tensor:
     if total <= 0.0:
         return torch.zeros_like(clipped)
     return clipped * (rows.total / total)
+
+
+class WeightTable:
+    """The weight each noisy id got the last time it was trained on, gathered from every worker at each step,
+    so any worker can answer for any id (the platform's noisy-set evaluation deals ids out differently)."""
+
+    def __init__(self, num_rows: int, device: torch.device | str = "cpu"):
+        self.values = torch.full((num_rows,), float("nan"), dtype=torch.float32, device=device)
+
+    def record(self, ids: Tensor, weights: Tensor, share: float, collective: Any) -> None:
+        keep = ids if share > 0 else ids[:0]
+        vals = weights.detach().float() if share > 0 else weights.detach().float()[:0]
+        self.values[collective.all_gather(keep.to(self.values.device))] = collective.all_gather(
+            vals.to(self.values.device))
+
+    def lookup(self, ids: Tensor) -> Tensor:
+        """Weights of `ids` (NaN for ids not trained on yet)."""
+        return self.values[ids.to(self.values.device)].to(ids.device)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"values": self.values.clone()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.values.copy_(state["values"].to(self.values.device))

@@ -65,7 +65,7 @@ def _weight_sums(method, batch, true: Tensor, sums: Tensor, rows: dict[str, list
     if weight is None:
         return
     weight = weight.detach().to(torch.float64)
-    known = true >= 0
+    known = (true >= 0) & ~weight.isnan()  # NaN: a row the method has no weight for yet
     corrupted = known & (true != batch.label)
     clean = known & ~corrupted
     sums += torch.stack([weight[clean].sum(), clean.sum().double(), weight[corrupted].sum(),

@@ -13,6 +13,7 @@ from metacorrect.datasets.codec import decode_images
 from metacorrect.datasets.contract import DatasetMeta, split_files
 
 AUGMENTS = ("none", "shift", "crop_flip")
+STRONG_AUGMENTS = ("randaugment", "affine")  # views for methods that ask for them (IEG's pseudo labels)
 SMALL_SPLIT_FILES = 16  # below this many shards a split is re-blocked (64 MiB shards: < 1 GiB)
 
 
@@ -71,6 +72,113 @@ def augment_images(images, augment: str):
         flip = torch.rand(n, device=dev) < 0.5
         out = torch.where(flip[:, None, None, None], out.flip(2), out)
     return out
+
+
+def strong_augment_images(images, policy: str):
+    """Strong random augmentation of a uint8 (N,H,W,C) tensor on its own device (IEG's extra views).
+
+    `randaugment`: RandAugment with a random magnitude per op (as in FixMatch): two ops per image out of
+    identity, autocontrast, brightness, contrast, colour, posterize, solarize, rotate, shear x/y and
+    translate x/y, then a cutout of 1/4 to 1/2 of the side. `affine`: for small grey images such as 8x8
+    digits, where colour ops mean little: one random rotation (±15°), shear (±0.25), scale (±10%) and
+    translation (±1/8 of the side), then a cutout of 1/4 of the side. Random draws come from torch's
+    generator of the tensor's device (the train loop seeds it every epoch).
+    """
+    import torch
+
+    if policy not in STRONG_AUGMENTS:
+        raise ValueError(f"strong augmentation: expected one of {', '.join(STRONG_AUGMENTS)}, got '{policy}'")
+    n, h, w, c = images.shape
+    if n == 0:
+        return images
+    x = images.permute(0, 3, 1, 2).float().div(255.0)
+    dev = x.device
+    if policy == "affine":
+        sym = lambda scale: (torch.rand(n, device=dev) * 2 - 1) * scale  # noqa: E731
+        x = _affine(x, rotate=sym(15.0), shear_x=sym(0.25), shear_y=torch.zeros(n, device=dev),
+                    scale=1 + sym(0.1), tx=sym(0.25), ty=sym(0.25))  # grid units: 2 = the whole side
+        x = _cutout(x, torch.full((n,), max(1, h // 4), device=dev))
+    else:
+        for _ in range(2):
+            op = torch.randint(0, len(_RANDAUGMENT_OPS), (n,), device=dev)
+            magnitude = torch.rand(n, device=dev)
+            sign = torch.where(torch.rand(n, device=dev) < 0.5, -1.0, 1.0)
+            for k, name in enumerate(_RANDAUGMENT_OPS):
+                rows = (op == k).nonzero().squeeze(1)
+                if len(rows):
+                    x[rows] = _randaugment_op(name, x[rows], magnitude[rows] * sign[rows], magnitude[rows])
+        sides = (h * (0.25 + 0.25 * torch.rand(n, device=dev))).long().clamp(min=1)
+        x = _cutout(x, sides)
+    return x.clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+_RANDAUGMENT_OPS = ("identity", "autocontrast", "brightness", "contrast", "color", "posterize", "solarize",
+                    "rotate", "shear_x", "shear_y", "translate_x", "translate_y")
+
+
+def _randaugment_op(name: str, x, signed, magnitude):
+    """One RandAugment op on float images in [0, 1], per-sample magnitude in [0, 1] (signed: in [-1, 1])."""
+    import torch
+
+    zeros = torch.zeros_like(magnitude)
+    view = (-1, 1, 1, 1)
+    if name == "autocontrast":
+        lo = x.amin(dim=(2, 3), keepdim=True)
+        hi = x.amax(dim=(2, 3), keepdim=True)
+        return torch.where(hi > lo, (x - lo) / (hi - lo).clamp(min=1e-6), x)
+    if name == "brightness":
+        return x * (1 + 0.9 * signed).view(view)
+    if name == "contrast":
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        return mean + (x - mean) * (1 + 0.9 * signed).view(view)
+    if name == "color":
+        grey = x.mean(dim=1, keepdim=True)
+        return grey + (x - grey) * (1 + 0.9 * signed).view(view)
+    if name == "posterize":
+        levels = (2 ** (8 - (4 * magnitude).round())).view(view)
+        return torch.floor(x * 255 / (256 / levels)) * (256 / levels) / 255
+    if name == "solarize":
+        threshold = (1 - magnitude).view(view)
+        return torch.where(x >= threshold, 1 - x, x)
+    geometric = {"rotate": dict(rotate=30 * signed), "shear_x": dict(shear_x=0.3 * signed),
+                 "shear_y": dict(shear_y=0.3 * signed), "translate_x": dict(tx=0.6 * signed),
+                 "translate_y": dict(ty=0.6 * signed)}
+    if name in geometric:
+        args = dict(rotate=zeros, shear_x=zeros, shear_y=zeros, scale=torch.ones_like(magnitude), tx=zeros,
+                    ty=zeros) | geometric[name]
+        return _affine(x, **args)
+    return x
+
+
+def _affine(x, rotate, shear_x, shear_y, scale, tx, ty):
+    """Per-sample affine warp (degrees, shear factors, scale, translation in grid units), zero fill."""
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    a = rotate * (math.pi / 180.0)
+    cos, sin = torch.cos(a) / scale, torch.sin(a) / scale
+    theta = torch.stack([torch.stack([cos + shear_x * sin, -sin + shear_x * cos, tx], 1),
+                         torch.stack([sin + shear_y * cos, cos - shear_y * sin, ty], 1)], 1)
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def _cutout(x, sides):
+    """A square of side `sides[i]` (pixels) at a random centre of each image set to 0.5 grey."""
+    import torch
+
+    n, _, h, w = x.shape
+    dev = x.device
+    cy = torch.randint(0, h, (n,), device=dev)
+    cx = torch.randint(0, w, (n,), device=dev)
+    ys = torch.arange(h, device=dev).view(1, h, 1)
+    xs = torch.arange(w, device=dev).view(1, 1, w)
+    half = (sides // 2).view(n, 1, 1)
+    top, left = (cy.view(n, 1, 1) - half), (cx.view(n, 1, 1) - half)
+    mask = (ys >= top) & (ys < top + sides.view(n, 1, 1)) & (xs >= left) & (xs < left + sides.view(n, 1, 1))
+    return torch.where(mask.unsqueeze(1), torch.full_like(x, 0.5), x)
 
 
 def to_model_input(images, mean, std):

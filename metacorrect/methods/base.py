@@ -20,6 +20,7 @@ class Batch:
     x: Tensor  # model input, float (N, C, H, W), on the training device
     label: Tensor  # int64 labels the method may use: noisy in noisy_train, clean elsewhere
     weight: float  # rows that count towards averages: len(ids), or 0 for a stand-in batch
+    views: Tensor | None = None  # (K, N, C, H, W) strongly augmented views, for methods that ask (Method.strong_views)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -30,6 +31,9 @@ class Method:
 
     name: ClassVar[str]
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    # Strongly augmented views of each noisy batch that the platform makes on the worker (Batch.views).
+    strong_views: int = 0
+    strong_augment: str = "randaugment"  # one of datasets.stream.STRONG_AUGMENTS
 
     def __init__(self, cfg: ExperimentConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
                  num_classes: int, num_noisy: int, collective: Any,
@@ -49,6 +53,20 @@ class Method:
     def soft_labels(self, noisy: Batch) -> Tensor:
         """What the method now believes the labels of `noisy` are, (N, C) rows summing to 1."""
         return nn.functional.one_hot(noisy.label, self.num_classes).float()
+
+    def sample_weights(self, noisy: Batch) -> Tensor | None:
+        """Per-sample training weights the method would give `noisy` now, (N,); None: not a reweighting method.
+        The platform joins them with the true labels (clean vs corrupted) in its noisy-set evaluation."""
+        return None
+
+    @property
+    def weights_samples(self) -> bool:
+        return type(self).sample_weights is not Method.sample_weights
+
+    def eval_models(self) -> dict[str, nn.Module]:
+        """Further models to evaluate each epoch beside the student, by name (e.g. IEG's EMA weights):
+        their val/test metrics are logged as `<name>_val_accuracy`, `<name>_test_accuracy`, ..."""
+        return {}
 
     @property
     def corrects_labels(self) -> bool:

@@ -72,8 +72,8 @@ from torch import Tensor, nn
 import torch.autograd.forward_ad as fwAD
 from torch.func import functional_call
 
-__all__ = ["FAMILIES", "Family", "MetaGradEngine", "Snapshot", "clean_gradient", "frozen_running_stats",
-           "lookahead_steps", "lower_jvp", "lower_loss", "lower_terms"]
+__all__ = ["FAMILIES", "Family", "MetaGradEngine", "Snapshot", "clean_gradient", "exact_mixed_grads",
+           "frozen_running_stats", "lookahead_steps", "lower_jvp", "lower_loss", "lower_terms", "virtual_step"]
 
 Family = Literal["soft_ce", "reverse_kl", "weighted"]
 FAMILIES = ("soft_ce", "reverse_kl", "weighted")
@@ -236,6 +236,49 @@ def lower_jvp(model: nn.Module, params: dict[str, Tensor], buffers: dict[str, Te
                  for n, p in params.items()}
         out = lower_terms(family, functional_call(model, ({**buffers, **duals},), (x,)), labels)
         return fwAD.unpack_dual(out).tangent
+
+
+def virtual_step(params: dict[str, Tensor], grads: dict[str, Tensor], step: float,
+                 momentum: dict[str, Tensor | None] | None = None, mu: float = 0.0,
+                 weight_decay: float = 0.0) -> dict[str, Tensor]:
+    """Look-ahead weights w' = w − step·(μ·buf + g + wd·w) for methods that decide before the real step.
+
+    MW-Net: plain SGD at the current lr (μ = wd = 0). IEG: meta step 0.1 on the optimizer's momentum
+    buffer × 0.9 plus the gradient with weight decay. The buffer does not depend on the meta-parameters,
+    so dw'/dφ = −step · d g/dφ: the tangent of `lower_jvp` is step · g'. Entries without a gradient stay.
+    """
+    out = {}
+    for n, w in params.items():
+        g = grads.get(n)
+        if g is None:
+            out[n] = w.detach()
+            continue
+        d = g + weight_decay * w.detach() if weight_decay else g
+        buf = (momentum or {}).get(n)
+        if mu and buf is not None:
+            d = d + mu * buf
+        out[n] = (w.detach() - step * d).detach()
+    return out
+
+
+def exact_mixed_grads(model: nn.Module, params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor,
+                      lower_fn: Callable[[Tensor], Tensor], coeffs: Sequence[Tensor],
+                      tangent: dict[str, Tensor]) -> list[Tensor]:
+    """d/dc ⟨tangent, ∇_w lower_fn(model_w(x))⟩ by double backward (the reference for `lower_jvp` paths).
+
+    `lower_fn(logits)` must build the lower loss from leaves `coeffs` (per-sample weights, mix coefficients);
+    with tangent = step · g' the one-step meta-gradient is the negative of the result.
+    """
+    leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+    with frozen_running_stats(model):
+        loss = lower_fn(functional_call(model, ({**buffers, **leaves},), (x,)))
+    names = [n for n in leaves if n in tangent]
+    grads = torch.autograd.grad(loss, [leaves[n] for n in names], create_graph=True, allow_unused=True)
+    proxy = sum((tangent[n] * g).sum() for n, g in zip(names, grads) if g is not None)
+    if not isinstance(proxy, Tensor) or not proxy.requires_grad:
+        return [torch.zeros_like(c) for c in coeffs]
+    out = torch.autograd.grad(proxy, list(coeffs), allow_unused=True)
+    return [torch.zeros_like(c) if g is None else g for c, g in zip(coeffs, out)]
 
 
 # ---- the engine ---------------------------------------------------------------------------------------

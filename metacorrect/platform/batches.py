@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from metacorrect.datasets.stream import augment_images, to_model_input
+from metacorrect.datasets.stream import augment_images, strong_augment_images, to_model_input
 from metacorrect.methods.base import Batch
 from metacorrect.platform.collective import Collective
 
@@ -30,11 +30,16 @@ class Normaliser:
         return to_model_input(images, self.mean, self.std)
 
 
-def to_batch(raw: dict[str, Tensor], norm: Normaliser, augment: str = "none") -> tuple[Batch, Tensor]:
-    """(what the method may see, the true labels kept back for metrics)."""
+def to_batch(raw: dict[str, Tensor], norm: Normaliser, augment: str = "none", views: int = 0,
+             strong: str = "randaugment") -> tuple[Batch, Tensor]:
+    """(what the method may see, the true labels kept back for metrics).
+
+    `views` > 0 adds that many strongly augmented views (`strong` policy) of the same images, made here on
+    the worker's device from the weakly augmented uint8 images, as `Batch.views` (K, N, C, H, W)."""
     ids = raw["id"]
-    x = norm(augment_images(raw["image"], augment))
-    return Batch(ids=ids, x=x, label=raw["label"], weight=float(len(ids))), raw["true_label"]
+    images = augment_images(raw["image"], augment)
+    extra = torch.stack([norm(strong_augment_images(images, strong)) for _ in range(views)]) if views else None
+    return Batch(ids=ids, x=norm(images), label=raw["label"], weight=float(len(ids)), views=extra), raw["true_label"]
 
 
 def iterate(shard, batch_size: int, device: torch.device, shuffle_buffer: int = 0, seed: int | None = None,

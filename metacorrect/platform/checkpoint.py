@@ -16,6 +16,7 @@ HISTORY_FILE = "history.json"
 
 CORRECTED_FILE = "corrected_labels.parquet"
 EXPORTS_FILE = "method_exports.json"  # names of the files the method exported (Method.export_files)
+WEIGHTS_FILE = "sample_weights.parquet"
 LABEL_TRANSITION_FILE = "label_transition.json"
 
 
@@ -51,6 +52,24 @@ def corrected_labels_parquet(rows: dict[str, Any]) -> bytes:
                       "noisy_label": rows["noisy_label"][order].cpu().numpy().astype("int16"),
                       "corrected_label": rows["corrected_label"][order].cpu().numpy().astype("int16"),
                       "confidence": rows["confidence"][order].cpu().numpy()})
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()
+
+
+def sample_weights_parquet(weights: Any) -> bytes:
+    """A reweighting method's weight of every noisy id (sorted by id) and whether its label is corrupted."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = weights.rows
+    order = rows["id"].argsort()
+    table = pa.table({"id": rows["id"][order].cpu().numpy(),
+                      "noisy_label": rows["noisy_label"][order].cpu().numpy().astype("int16"),
+                      "weight": rows["weight"][order].cpu().numpy(),
+                      "corrupted": rows["corrupted"][order].cpu().numpy().astype(bool)})
     buf = io.BytesIO()
     pq.write_table(table, buf)
     return buf.getvalue()

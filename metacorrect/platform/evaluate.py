@@ -52,22 +52,52 @@ def evaluate(model: nn.Module, shard, norm: Normaliser, collective: Collective, 
     return {f"{prefix}_accuracy": correct / n, f"{prefix}_loss": loss / n} if n else {}
 
 
+@dataclass
+class SampleWeights:
+    """A reweighting method's per-sample weights on the noisy set, joined with the true labels (platform only)."""
+
+    rows: dict[str, Tensor]  # id, noisy_label, weight, corrupted (uint8) of every worker's rows with known truth
+
+
+def _weight_sums(method, batch, true: Tensor, sums: Tensor, rows: dict[str, list[Tensor]] | None) -> None:
+    """Adds Σ weight and count over the clean and the corrupted rows; with `rows`, keeps every row."""
+    weight = method.sample_weights(batch)
+    if weight is None:
+        return
+    weight = weight.detach().to(torch.float64)
+    known = (true >= 0) & ~weight.isnan()  # NaN: a row the method has no weight for yet
+    corrupted = known & (true != batch.label)
+    clean = known & ~corrupted
+    sums += torch.stack([weight[clean].sum(), clean.sum().double(), weight[corrupted].sum(),
+                         corrupted.sum().double()])
+    if rows is not None:
+        for key, value in (("id", batch.ids[known]), ("noisy_label", batch.label[known]),
+                           ("weight", weight[known].float()), ("corrupted", corrupted[known].to(torch.uint8))):
+            rows[key].append(value)
+
+
 @torch.no_grad()
 def evaluate_noisy(method, shard, norm: Normaliser, collective: Collective, batch_size: int, num_classes: int,
-                   device: torch.device, corrected: bool = False,
-                   export: bool = False) -> tuple[dict[str, float], CorrectedLabels | None]:
+                   device: torch.device, corrected: bool = False, export: bool = False, weights: bool = False
+                   ) -> tuple[dict[str, float], CorrectedLabels | None, SampleWeights | None]:
     """On the noisy split, where true labels are known: the model's label recovery and memorisation of the
     corrupted labels; with `corrected`, how often the argmax of `method.soft_labels` is the true class
-    (overall and among the corrupted samples), and with `export` every row, gathered on every worker."""
+    (overall and among the corrupted samples); with `weights`, the mean of `method.sample_weights` over the
+    clean and over the corrupted rows; with `export`, every row of both, gathered on every worker."""
     model = method.model
     was_training = model.training
     model.eval()
     sums = torch.zeros(12, dtype=torch.float64, device=device)  # 8 prediction sums + 4 corrected-label sums
+    weight_sums = torch.zeros(4, dtype=torch.float64, device=device)
+    weight_rows: dict[str, list[Tensor]] | None = (
+        {"id": [], "noisy_label": [], "weight": [], "corrupted": []} if weights and export else None)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=device)
     rows: dict[str, list[Tensor]] = {"id": [], "noisy_label": [], "corrected_label": [], "confidence": []}
     for raw in iterate(shard, batch_size, device):
         batch, true = to_batch(raw, norm)
         sums[:8] += _prediction_sums(model(batch.x), batch.label, true)
+        if weights:
+            _weight_sums(method, batch, true, weight_sums, weight_rows)
         if not corrected:
             continue
         confidence, label = method.soft_labels(batch).max(1)
@@ -90,8 +120,20 @@ def evaluate_noisy(method, shard, norm: Normaliser, collective: Collective, batc
     if corrupted:
         metrics["noisy_recovery_corrupted"] = rec_corr / corrupted
         metrics["noisy_memorised_corrupted"] = mem_corr / corrupted
+    sample_weights = None
+    if weights:
+        w_clean, n_clean, w_corrupted, n_corrupted = collective.sum(weight_sums).tolist()
+        if n_clean:
+            metrics["weight_mean_clean"] = w_clean / n_clean
+        if n_corrupted:
+            metrics["weight_mean_corrupted"] = w_corrupted / n_corrupted
+        if weight_rows is not None:
+            empty = {"weight": torch.float32, "corrupted": torch.uint8}
+            sample_weights = SampleWeights({k: collective.all_gather(
+                torch.cat(v) if v else torch.zeros(0, dtype=empty.get(k, torch.long), device=device))
+                for k, v in weight_rows.items()})
     if not corrected:
-        return metrics, None
+        return metrics, None, sample_weights
     if c_known:
         metrics["corrected_accuracy"] = c_right / c_known
     if c_corrupted:
@@ -102,4 +144,4 @@ def evaluate_noisy(method, shard, norm: Normaliser, collective: Collective, batc
         gathered = {k: collective.all_gather(torch.cat(v) if v else
                                              torch.zeros(0, dtype=empty.get(k, torch.long), device=device))
                     for k, v in rows.items()}
-    return metrics, CorrectedLabels(collective.sum(confusion), gathered)
+    return metrics, CorrectedLabels(collective.sum(confusion), gathered), sample_weights

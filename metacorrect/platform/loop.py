@@ -93,8 +93,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         _seed_everything(seed + 1000 * epoch + rank)  # per epoch, so a resumed run repeats the same draws
         clean.start_epoch(epoch)
         started = time.time()
-        batches = (to_batch(raw, norm, cfg.data.augment) for raw in iterate(
-            noisy_shard, local_bs, device, cfg.data.shuffle_buffer, seed=seed * 1000 + epoch * 31 + rank))
+        batches = (to_batch(raw, norm, cfg.data.augment, method.strong_views, method.strong_augment)
+                   for raw in iterate(noisy_shard, local_bs, device, cfg.data.shuffle_buffer,
+                                      seed=seed * 1000 + epoch * 31 + rank))
         method.start_epoch(epoch)
         metrics = _train_epoch(method, batches, clean, collective, device)
         train_time = time.time() - started
@@ -103,9 +104,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         evaluated, extras = _evaluate_epoch(cfg, method, meta, norm, collective, device, rank,
                                             last=epoch + 1 == cfg.train.epochs)
         metrics |= evaluated
-        if metrics.get("val_accuracy", -1.0) > best.get("best_val_accuracy", -1.0):
-            best = {"best_val_accuracy": metrics["val_accuracy"],
-                    "test_at_best_val": metrics.get("test_accuracy", math.nan), "best_epoch": epoch + 1}
+        for prefix in [""] + [f"{name}_" for name in method.eval_models()]:  # the student, then e.g. IEG's EMA
+            if metrics.get(f"{prefix}val_accuracy", -1.0) > best.get(f"{prefix}best_val_accuracy", -1.0):
+                best |= {f"{prefix}best_val_accuracy": metrics[f"{prefix}val_accuracy"],
+                         f"{prefix}test_at_best_val": metrics.get(f"{prefix}test_accuracy", math.nan),
+                         f"{prefix}best_epoch": epoch + 1}
         metrics |= best | {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
                            "epoch_time_s": time.time() - started,
                            "train_samples_per_s": metrics["noisy_rows_seen"] / max(train_time, 1e-9)}
@@ -141,6 +144,10 @@ def _evaluate_epoch(cfg: ExperimentConfig, method, meta, norm: Normaliser, colle
     metrics = evaluate(method.model, ray.train.get_dataset_shard("val"), norm, collective, batch_size, device, "val")
     metrics |= evaluate(method.model, ray.train.get_dataset_shard("test"), norm, collective, batch_size, device,
                         "test")
+    for name, model in method.eval_models().items():
+        for split in ("val", "test"):
+            metrics |= evaluate(model, ray.train.get_dataset_shard(split), norm, collective, batch_size, device,
+                                f"{name}_{split}")
     extras: dict[str, bytes] = {}
     if last and rank == 0:  # the method's own tables (e.g. learned labels), logged to MLflow under labels/
         exported = method.export_files()
@@ -149,14 +156,16 @@ def _evaluate_epoch(cfg: ExperimentConfig, method, meta, norm: Normaliser, colle
             extras[ckpt.EXPORTS_FILE] = json.dumps(sorted(exported)).encode()
     if not cfg.train.eval_noisy_train:
         return metrics, extras
-    noisy_metrics, corrected = evaluate_noisy(method, ray.train.get_dataset_shard("noisy_eval"), norm, collective,
-                                              batch_size, meta.num_classes, device,
-                                              corrected=method.corrects_labels, export=last)
+    noisy_metrics, corrected, weights = evaluate_noisy(
+        method, ray.train.get_dataset_shard("noisy_eval"), norm, collective, batch_size, meta.num_classes, device,
+        corrected=method.corrects_labels, export=last, weights=method.weights_samples)
     metrics |= noisy_metrics
     if corrected is not None and rank == 0:
         extras[ckpt.LABEL_TRANSITION_FILE] = json.dumps(corrected.confusion.tolist()).encode()
         if corrected.rows is not None:
             extras[ckpt.CORRECTED_FILE] = ckpt.corrected_labels_parquet(corrected.rows)
+    if weights is not None and rank == 0:
+        extras[ckpt.WEIGHTS_FILE] = ckpt.sample_weights_parquet(weights)
     return metrics, extras
 
 

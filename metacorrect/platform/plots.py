@@ -43,7 +43,7 @@ def learning_curves(history: list[dict[str, float]], title: str):
     plt = _pyplot()
     epochs = [h["epoch"] for h in history]
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4))
-    for key in ("val_accuracy", "test_accuracy", "noisy_recovery", "noisy_recovery_corrupted",
+    for key in ("val_accuracy", "test_accuracy", "ema_test_accuracy", "noisy_recovery", "noisy_recovery_corrupted",
                 "noisy_memorised_corrupted"):
         values = [h.get(key) for h in history]
         if any(v is not None for v in values):
@@ -100,5 +100,25 @@ def trial_curves(curves: dict[str, tuple[list[float], list[float]]], metric: str
     if len(curves) <= 20:
         ax.legend(fontsize=7)
     ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def weight_histogram(weight: np.ndarray, corrupted: np.ndarray, title: str, bins: int = 40):
+    """Per-sample weights of the clean and of the corrupted noisy samples, overlaid (densities)."""
+    plt = _pyplot()
+    weight = np.asarray(weight, dtype=float)
+    corrupted = np.asarray(corrupted, dtype=bool)
+    hi = float(np.quantile(weight, 0.995)) if len(weight) else 1.0
+    edges = np.linspace(0.0, max(hi, 1e-6), bins + 1)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for mask, label, colour in ((~corrupted, "clean label", "tab:blue"), (corrupted, "corrupted label", "tab:red")):
+        if mask.any():
+            ax.hist(np.clip(weight[mask], 0.0, edges[-1]), bins=edges, alpha=0.55, density=True, color=colour,
+                    label=f"{label} (n={int(mask.sum())}, mean {weight[mask].mean():.3g})")
+    ax.set_xlabel("weight (values above the 99.5% quantile in the last bin)")
+    ax.set_ylabel("density")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     return fig

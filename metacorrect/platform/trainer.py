@@ -284,6 +284,15 @@ def _log_end(uri: str, run_id: str, cfg: ExperimentConfig, result: RunResult, ck
     if ckpt_dir and (Path(ckpt_dir) / ckpt.EXPORTS_FILE).is_file():
         for name in json.loads((Path(ckpt_dir) / ckpt.EXPORTS_FILE).read_text()):
             c.log_artifact(run_id, str(Path(ckpt_dir) / name), "labels")
+    if ckpt_dir and (Path(ckpt_dir) / ckpt.WEIGHTS_FILE).is_file():
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(Path(ckpt_dir) / ckpt.WEIGHTS_FILE).to_pandas()
+        fig = plots.weight_histogram(table["weight"].to_numpy(), table["corrupted"].to_numpy(),
+                                     f"per-sample weights of {cfg.method.name}, last epoch")
+        c.log_figure(run_id, fig, "plots/sample_weights.png")
+        _close(fig)
+        c.log_artifact(run_id, str(Path(ckpt_dir) / ckpt.WEIGHTS_FILE), "weights")
     if cfg.tracking.log_model and ckpt_dir:
         model_file = Path(ckpt_dir) / ckpt.MODEL_FILE
         if model_file.is_file():

@@ -1,0 +1,170 @@
+"""MW-Net — Meta-Weight-Net (Shu et al., NeurIPS'19; reference/methods.md §7).
+
+A VNet (1 → hidden → 1, ReLU, sigmoid) maps each noisy sample's loss (detached) to its weight. Per step, in
+the paper's order (virtual step → VNet update → real step with the updated VNet):
+
+    ℓ = CE(model_w(x), ỹ) per sample ; v = VNet(ℓ)          one forward (the real step's forward, kept)
+    w' = w − lr · ∇_w (1/n) Σ v_i ℓ_i                       plain SGD at the current lr, no momentum/wd
+    g' = ∇_w CE(model_w'(x_clean))                          one clean gradient at w' (functional_call)
+    dL_clean(w')/dv_i = −lr · r · J_w ℓ_i(w) · g'           one forward-mode JVP of the per-sample losses
+    VNet ← Adam(lr 1e-3, wd 1e-4) on the VJP of that through VNet
+    real step on (1/n) Σ VNet_new(ℓ_i) ℓ_i                  backward through the kept forward
+
+The look-ahead uses the primitives of the engine (`virtual_step`, `clean_gradient`, `lower_jvp`): no network is
+rebuilt and there is no second-order autograd; `meta_grad: exact` differentiates through the virtual step by
+double backward instead (same numbers). The engine's real-step-first loop (EMLC) would also be a legitimate
+reading for a persistent VNet and saves one backward; the paper's order is used so that the real step already
+uses the updated VNet, as in `MW-Net.py`.
+
+Paper vs official code: `MW-Net.py` (the "stable version", the default here) does not normalise the weights;
+`train_WRN-28-10_Meta_PGC.py` normalises them to sum 1 over the batch (`normalise: true`; over all workers'
+rows, the gradient through the normalisation included). The official code selects the model by best *test*
+accuracy; this platform selects on the clean validation split. VNet's optimizer: Adam(1e-3, wd 1e-4) in
+`MW-Net.py` (default); the WRN script uses SGD(1e-3, momentum 0.9, nesterov, wd 5e-4).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from metacorrect.config import MethodConfig
+from metacorrect.methods.base import Batch, Method
+from metacorrect.methods.metagrad import exact_mixed_grads, frozen_running_stats, lower_jvp, virtual_step
+from metacorrect.methods.reweight import Rows, current_state, mean_clean_gradient, mean_gradient, rows_of
+
+MODES = ("fast", "exact")
+
+
+@dataclass
+class MWNetConfig(MethodConfig):
+    name: str = "mwnet"
+    meta_grad: str = "fast"  # fast (JVP + VJP) | exact (double backward through the virtual step)
+    meta_lr: float = 1e-3  # VNet Adam lr (MW-Net.py)
+    meta_weight_decay: float = 1e-4  # VNet Adam weight decay (MW-Net.py)
+    hidden_dim: int = 100  # VNet 1 -> 100 -> 1
+    normalise: bool = False  # weights to sum 1 over the batch (WRN script); MW-Net.py does not
+
+    def validate(self) -> list[str]:
+        problems = []
+        if self.meta_grad not in MODES:
+            problems.append(f"method.meta_grad: expected one of {', '.join(MODES)}, got '{self.meta_grad}'")
+        if not self.meta_lr > 0:
+            problems.append(f"method.meta_lr: must be > 0, got {self.meta_lr}")
+        if self.meta_weight_decay < 0:
+            problems.append(f"method.meta_weight_decay: must be >= 0, got {self.meta_weight_decay}")
+        if self.hidden_dim < 1:
+            problems.append(f"method.hidden_dim: must be >= 1, got {self.hidden_dim}")
+        return problems
+
+
+class VNet(nn.Module):
+    """Linear(1, h) → ReLU → Linear(h, 1) → sigmoid on each sample's loss (PyTorch's default init, as in
+    the official code)."""
+
+    def __init__(self, hidden_dim: int = 100):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(1, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, 1))
+
+    def forward(self, loss: Tensor) -> Tensor:
+        return torch.sigmoid(self.net(loss.unsqueeze(1))).squeeze(1)
+
+
+class MWNet(Method):
+    name = "mwnet"
+    config_class = MWNetConfig
+
+    def __init__(self, cfg, model, optimizer, num_classes, num_noisy, collective, image_shape=None):
+        super().__init__(cfg, model, optimizer, num_classes, num_noisy, collective, image_shape)
+        m = self.mcfg
+        p = next(model.parameters())
+        self.vnet = VNet(m.hidden_dim).to(p.device, p.dtype)
+        collective.sync_module_(self.vnet)
+        self.meta_params = list(self.vnet.parameters())
+        self.meta_optimizer = torch.optim.Adam(self.meta_params, lr=m.meta_lr, weight_decay=m.meta_weight_decay)
+
+    # ---- weights --------------------------------------------------------------------------------------
+    def _weights(self, v: Tensor, rows: Rows) -> tuple[Tensor, float]:
+        """Mean-1 weights u from VNet outputs v (see reweight.py), and the global Σ share·v (normalise only)."""
+        if not self.mcfg.normalise:
+            return v, 0.0
+        total = float(self.collective.sum((v.detach() * rows.share).sum().reshape(1).double()).item())
+        if total <= 0:
+            return v * 0.0, total
+        return v * (rows.share * rows.total / total), total
+
+    def weight_coefficients(self, x: Tensor, labels: Tensor, ce: Tensor, u: Tensor, rows: Rows,
+                            clean: Batch) -> tuple[Tensor, float]:
+        """(dL_clean(w')/du_i, the clean CE at w') for the look-ahead w' = w − lr·∇_w (r·Σ u_i ℓ_i).
+
+        `ce`: the per-sample losses of model(x) at the current weights, with graph (kept for the real step)."""
+        params, buffers = current_state(self.model)
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        names = list(params)
+        lower = (u.detach() * ce).mean() if len(ce) else ce.sum()
+        grads = dict(zip(names, torch.autograd.grad(lower, [params[n] for n in names], retain_graph=True,
+                                                    allow_unused=True)))
+        grads = mean_gradient({n: torch.zeros_like(params[n]) if g is None else g for n, g in grads.items()},
+                              float(len(x)) * rows.share, self.collective)
+        ahead = virtual_step(params, grads, lr)
+        g_new, meta_loss = mean_clean_gradient(self.model, ahead, buffers, clean, self.collective)
+        tangent = {n: lr * g for n, g in g_new.items()}
+        if self.mcfg.meta_grad == "fast":
+            return -rows.r * lower_jvp(self.model, params, buffers, x, tangent, "weighted", labels), meta_loss
+        leaf = u.detach().clone().requires_grad_(True)
+
+        def lower_fn(logits: Tensor) -> Tensor:
+            return rows.r * (leaf * F.cross_entropy(logits, labels, reduction="none")).sum()
+
+        return -exact_mixed_grads(self.model, params, buffers, x, lower_fn, [leaf], tangent)[0], meta_loss
+
+    def _vnet_step(self, v: Tensor, coeff: Tensor, rows: Rows, total: float) -> None:
+        """Chain dL/du into VNet (through the normalisation, across workers), sum over workers, Adam step."""
+        if self.mcfg.normalise and total > 0:
+            # u_i = W s_i v_i / S, S = Σ_global s v: dL/dv_j = (W s_j / S)(c_j − T / S), T = Σ_global c s v.
+            t = float(self.collective.sum((coeff * v.detach() * rows.share).sum().reshape(1).double()).item())
+            coeff = rows.total * rows.share / total * (coeff - t / total)
+        self.meta_optimizer.zero_grad(set_to_none=False)
+        torch.autograd.backward(v, coeff.to(v.dtype))
+        grads = [p.grad for p in self.meta_params]
+        if self.collective.distributed:
+            flat = self.collective.sum(torch.cat([g.reshape(-1) for g in grads]))
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
+        if rows.total > 0:
+            self.meta_optimizer.step()
+
+    # ---- one iteration --------------------------------------------------------------------------------
+    def step(self, noisy: Batch, clean: Batch) -> dict[str, float]:
+        rows = rows_of(noisy, self.collective)
+        ce = F.cross_entropy(self.model(noisy.x), noisy.label, reduction="none")  # the real step's forward
+        v = self.vnet(ce.detach())
+        u, total = self._weights(v, rows)
+        coeff, meta_loss = self.weight_coefficients(noisy.x, noisy.label, ce, u, rows, clean)
+        self._vnet_step(v, coeff, rows, total)
+        with torch.no_grad():
+            u_new, _ = self._weights(self.vnet(ce.detach()), rows)
+        loss = (u_new * ce).mean() if len(ce) else ce.sum()
+        self.optimizer_step(loss, noisy.weight)
+        return {"train_loss": float(loss.detach()), "noisy_loss": float(ce.detach().mean()),
+                "meta_loss": meta_loss, "clean_loss": meta_loss, "weight_mean": float(u_new.mean())}
+
+    @torch.no_grad()
+    def sample_weights(self, noisy: Batch) -> Tensor:
+        """VNet's weight of each sample's loss under the current model (its current mode: eval in evaluation)."""
+        with frozen_running_stats(self.model):
+            ce = F.cross_entropy(self.model(noisy.x), noisy.label, reduction="none")
+        return self.vnet(ce)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"vnet": self.vnet.state_dict(), "meta_optimizer": self.meta_optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.vnet.load_state_dict(state["vnet"])
+        self.meta_optimizer.load_state_dict(state["meta_optimizer"])
+

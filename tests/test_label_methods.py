@@ -17,6 +17,7 @@ from metacorrect.methods import METHODS, Batch
 from metacorrect.methods.backbones import build_backbone
 from metacorrect.methods.label_table import LabelTable, mass_logits, onehot_logits
 from metacorrect.platform.collective import Collective
+from gloo import run_two_ranks
 
 C, SIDE, WIDTH, N = 10, 8, 4, 64
 VARIANTS = {  # name -> method fields; warm-up off so every step learns labels
@@ -191,34 +192,9 @@ def _two_worker_results(rank: int, collective) -> dict:
     return out
 
 
-def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    import datetime
-    import os
-
-    import torch.distributed as dist
-
-    torch.set_default_dtype(torch.float64)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
-                            timeout=datetime.timedelta(seconds=120))
-    try:
-        torch.save(_two_worker_results(rank, Collective(2, rank)), os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
 def test_two_workers_hold_identical_tables_equal_to_one_worker(tmp_path, float64_one_thread):
-    proc = torch.multiprocessing.get_context("spawn").Process(target=_worker,
-                                                              args=(1, str(tmp_path / "pg"), str(tmp_path)))
-    proc.start()
-    try:
-        _worker(0, str(tmp_path / "pg"), str(tmp_path))
-    finally:
-        proc.join(timeout=120)
-    assert proc.exitcode == 0
+    rank0, rank1 = run_two_ranks(_two_worker_results, tmp_path)
     single = _two_worker_results(-1, Collective())
-    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
-    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
     for variant in TWO_WORKER_VARIANTS:
         assert torch.equal(rank0[variant][0], rank1[variant][0]), f"{variant}: replicas differ"
         assert labels_of(make(variant, "mlp", seed=3)).ne(single[variant][0]).any(), variant

@@ -13,6 +13,7 @@ from metacorrect.config import ConfigError, ExperimentConfig
 from metacorrect.methods import METHODS, Batch
 from metacorrect.methods.backbones import build_backbone
 from metacorrect.platform.collective import Collective
+from gloo import run_two_ranks
 
 C, SIDE, WIDTH = 10, 8, 4
 META_METHODS = ("mlc", "emlc")
@@ -205,40 +206,16 @@ def _two_worker_results(rank: int, collective) -> dict:
     return out
 
 
-def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    import datetime
-    import os
-
-    import torch.distributed as dist
-
-    torch.set_default_dtype(torch.float64)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
-                            timeout=datetime.timedelta(seconds=120))
-    try:
-        torch.save(_two_worker_results(rank, Collective(2, rank)), os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
 def test_two_workers_equal_one_worker(tmp_path, float64_one_thread):
     """Rank 1 in a spawned process, rank 0 here (gloo, file rendezvous); with and without a stand-in batch."""
-    proc = torch.multiprocessing.get_context("spawn").Process(target=_worker,
-                                                              args=(1, str(tmp_path / "pg"), str(tmp_path)))
-    proc.start()
-    try:
-        _worker(0, str(tmp_path / "pg"), str(tmp_path))
-    finally:
-        proc.join(timeout=120)
-    assert proc.exitcode == 0
+    ranks = run_two_ranks(_two_worker_results, tmp_path)
     single = _two_worker_results(-1, Collective())
     for name in META_METHODS:  # the stand-in's rows really are left out (not a vacuous comparison)
         assert not torch.allclose(single[name, False][0], single[name, True][0])
-    for r in range(2):
-        ranks = torch.load(tmp_path / f"rank{r}.pt", weights_only=False)
+    for rank in ranks:
         for key, (meta, student) in single.items():
-            torch.testing.assert_close(ranks[key][0], meta, rtol=1e-9, atol=1e-12, msg=lambda m: f"{key}: {m}")
-            torch.testing.assert_close(ranks[key][1], student, rtol=1e-9, atol=1e-12, msg=lambda m: f"{key}: {m}")
+            torch.testing.assert_close(rank[key][0], meta, rtol=1e-9, atol=1e-12, msg=lambda m: f"{key}: {m}")
+            torch.testing.assert_close(rank[key][1], student, rtol=1e-9, atol=1e-12, msg=lambda m: f"{key}: {m}")
 
 
 # ---- config -------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from metacorrect.methods import metagrad as mg
 from metacorrect.methods.backbones import build_backbone
 from metacorrect.methods.ieg import logit_norm, pseudo_labels, sharpen
 from metacorrect.platform.collective import Collective
+from gloo import run_two_ranks
 
 C, SIDE, WIDTH = 10, 8, 4
 NAMES = ("ieg", "mwnet", "l2rw")
@@ -296,33 +297,9 @@ def _two_worker_results(rank: int, collective) -> dict:
     return out
 
 
-def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    import datetime
-    import os
-
-    import torch.distributed as dist
-
-    torch.set_default_dtype(torch.float64)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
-                            timeout=datetime.timedelta(seconds=120))
-    try:
-        torch.save(_two_worker_results(rank, Collective(2, rank)), os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
 def test_two_workers_equal_one_worker(tmp_path, float64_one_thread):
-    proc = torch.multiprocessing.get_context("spawn").Process(target=_worker,
-                                                              args=(1, str(tmp_path / "pg"), str(tmp_path)))
-    proc.start()
-    try:
-        _worker(0, str(tmp_path / "pg"), str(tmp_path))
-    finally:
-        proc.join(timeout=120)
-    assert proc.exitcode == 0
+    ranks = run_two_ranks(_two_worker_results, tmp_path)
     single = _two_worker_results(-1, Collective())
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     for key, value in single.items():
         name = key[0]
         if name == "ieg":  # each rank holds its rows of the whole batch's coefficients

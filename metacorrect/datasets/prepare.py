@@ -12,7 +12,7 @@ from metacorrect.datasets.codec import decode_images
 from metacorrect.datasets.contract import DatasetMeta, DataError, SPLITS
 from metacorrect.datasets.noise import apply_noise, empirical_transition, parse_noise
 from metacorrect.datasets.shards import DEFAULT_SHARD_BYTES, ShardWriter, atomic_directory
-from metacorrect.datasets.sources import Pool, load_source
+from metacorrect.datasets.sources import FileSourceData, Pool, load_source
 from metacorrect.datasets.splits import split_pool
 
 CHUNK = 2048
@@ -30,14 +30,33 @@ class SplitPlan:
 def prepare(source: str, out: str | Path, noise: str = "none", clean_per_class: int = 10,
             val_per_class: int = 20, test_fraction: float = 0.2, seed: int = 0,
             options: dict[str, Any] | None = None, overwrite: bool = False,
-            shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True) -> DatasetMeta:
-    """Prepare a data set at `out`; the directory appears only once it is complete."""
+            shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True, limit: int | None = None,
+            workers: int | None = None) -> DatasetMeta:
+    """Prepare a data set at `out`; the directory appears only once it is complete.
+
+    `limit` keeps the first `limit` images of each pool or list (to try a subset); `workers` caps the
+    parallel Ray tasks of image-folder sources (default: one per CPU of the cluster).
+    """
     out = Path(out).resolve()
     spec = parse_noise(noise)
     if out.exists() and not overwrite:
         raise DataError(f"{out}: already exists (pass --overwrite to replace it)")
+    if limit is not None and limit < 1:
+        raise DataError(f"limit: must be >= 1, got {limit}")
     started = time.time()
     src = load_source(source, options)
+    if isinstance(src, FileSourceData) or src.train.noisy_labels is not None:
+        if not spec.is_none:
+            raise DataError(f"source '{source}' comes with real noisy labels; do not add synthetic noise ({noise})")
+    if isinstance(src, FileSourceData):
+        from metacorrect.datasets.prepare_files import prepare_files
+
+        return prepare_files(src, out, clean_per_class=clean_per_class, val_per_class=val_per_class, seed=seed,
+                             limit=limit, overwrite=overwrite, shard_bytes=shard_bytes, workers=workers,
+                             progress=progress, prepare_args={"options": dict(options or {}), "limit": limit})
+    if limit is not None:
+        src.train = _head(src.train, limit)
+        src.test = None if src.test is None else _head(src.test, limit)
     split_seed, noise_seed = (int(s.generate_state(1)[0]) for s in np.random.SeedSequence(seed).spawn(2))
     idx = split_pool(src.train.labels, src.num_classes, clean_per_class, val_per_class,
                      None if src.test is not None else test_fraction, split_seed)
@@ -93,7 +112,7 @@ def prepare(source: str, out: str | Path, noise: str = "none", clean_per_class: 
             pixel_mean=mean, pixel_std=std, source_checksum=src.checksum,
             prepare_args={"clean_per_class": clean_per_class, "val_per_class": val_per_class,
                           "test_fraction": test_fraction if src.test is None else None,
-                          "options": dict(options or {})},
+                          "options": dict(options or {}), **({"limit": limit} if limit else {})},
         )
         (tmp / "meta.json").write_text(meta.to_json())  # last: its presence marks a complete data set
     bar.close()
@@ -102,6 +121,14 @@ def prepare(source: str, out: str | Path, noise: str = "none", clean_per_class: 
               ", ".join(f"{s} {meta.counts[s]}" for s in SPLITS) +
               (f", actual noise {meta.actual_noise_rate:.3f}" if meta.actual_noise_rate is not None else ""))
     return meta
+
+
+def _head(pool: Pool, n: int) -> Pool:
+    """The first `n` images of a pool (indices keep their meaning, so `read` works unchanged)."""
+    if n >= len(pool):
+        return pool
+    return Pool(labels=pool.labels[:n], read=pool.read, pixels=pool.pixels,
+                noisy_labels=None if pool.noisy_labels is None else pool.noisy_labels[:n])
 
 
 def _pixel_stats(plans: dict[str, SplitPlan], encoding: str,

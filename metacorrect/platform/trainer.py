@@ -5,7 +5,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import time
 import uuid
 from pathlib import Path
@@ -23,7 +22,8 @@ from metacorrect.datasets.noise import parse_noise
 from metacorrect.datasets.prepare import prepare
 from metacorrect.datasets.stream import decoded_bytes, open_split
 from metacorrect.platform import checkpoint as ckpt
-from metacorrect.platform import plots, quiet, tracking
+from metacorrect.platform import plots, tracking
+from metacorrect.platform.cluster import ensure_ray
 from metacorrect.platform.loop import RunContext, train_loop_per_worker
 from metacorrect.platform.results import RunResult
 
@@ -63,19 +63,6 @@ def ensure_dataset(data: DataConfig, progress: bool = True) -> tuple[Path, Datas
         if diff:
             raise DataError(f"{path}: was prepared with {', '.join(diff)}; delete it or set data.path")
     return path, meta
-
-
-def ensure_ray() -> None:
-    """Join the cluster of $RAY_ADDRESS (e.g. inside `ray job submit`), else start a local one."""
-    if not ray.is_initialized():
-        # No print patch: it echoes every worker print a second time through Ray Train's logger.
-        env = {"RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
-        if not os.environ.get("RAY_ADDRESS"):
-            env[quiet.ENV] = quiet.ray_data_console_config()
-        os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
-        ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level=logging.WARNING,
-                 runtime_env={"env_vars": env})
-    quiet.quiet_this_process()
 
 
 def run(config: ExperimentConfig | str | Path | dict[str, Any] | None = None,

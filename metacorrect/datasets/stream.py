@@ -16,7 +16,8 @@ AUGMENTS = ("none", "shift", "crop_flip")
 SMALL_SPLIT_FILES = 16  # below this many shards a split is re-blocked (64 MiB shards: < 1 GiB)
 
 
-def open_split(directory: str | Path, split: str, meta: DatasetMeta, shuffle_files: bool = False):
+def open_split(directory: str | Path, split: str, meta: DatasetMeta, shuffle_files: bool = False,
+               decode_concurrency: int | None = None):
     """A lazy Ray Dataset of one split with columns id, image (N,H,W,C uint8), label, true_label.
 
     Blocks are kept to ~1/32 of the split (at most 1024 rows) so that a split streamed to several
@@ -28,7 +29,7 @@ def open_split(directory: str | Path, split: str, meta: DatasetMeta, shuffle_fil
     rows = meta.counts.get(split, 0)
     block_rows = max(16, min(1024, rows // 32))
     ds = ray.data.read_parquet(files, shuffle="files" if shuffle_files else None)
-    ds = ds.map_batches(decode_batch, batch_format="numpy", batch_size=block_rows,
+    ds = ds.map_batches(decode_batch, batch_format="numpy", batch_size=block_rows, concurrency=decode_concurrency,
                         fn_kwargs={"encoding": meta.encoding, "shape": tuple(meta.image_shape)})
     if len(files) < SMALL_SPLIT_FILES:
         # A few files become a few blocks, and a split deals whole blocks to workers: cut them smaller.

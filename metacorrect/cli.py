@@ -20,6 +20,11 @@ NOISE_HELP = ("label noise: none | symmetric:RATE[:uniform][:exact] | pair:RATE[
               "default draws each label from T ('sampled'), :exact corrupts exactly round(RATE*n)")
 
 
+# Shortcut flags of `data prepare` for the synthetic source's options: (flag, option, help).
+SYNTHETIC_FLAGS = (("--n", "n", "number of images"), ("--classes", "num_classes", "number of classes"),
+                   ("--image-size", "image_size", "side of the square images in pixels"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metacorrect", description="Meta-learning for noisy labels on Ray, "
                                      "tracked in MLflow.", epilog=EPILOG,
@@ -63,9 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     p_prep.add_argument("--seed", type=int, default=0, help="seed of the splits and the noise (default: 0)")
     p_prep.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="source option, e.g. n=100000, image_size=64 for synthetic (repeatable)")
+    for flag, option, what in SYNTHETIC_FLAGS:
+        p_prep.add_argument(flag, type=int, dest=option, help=f"synthetic: {what} (= --option {option}=...)")
     p_prep.add_argument("--limit", type=int, help="use only the first N images of each pool / list (try a subset)")
     p_prep.add_argument("--workers", type=int,
-                        help="parallel Ray tasks for image-folder sources (default: one per CPU)")
+                        help="parallel Ray tasks for image-folder sources and synthetic sets of >= 100,000 "
+                        "images (default: one per CPU)")
     p_prep.add_argument("--overwrite", action="store_true", help="replace an existing data set")
     p_prep.add_argument("--quiet", action="store_true")
     p_insp = data_sub.add_parser("inspect", help="counts per split, actual noise rate, transition matrix")
@@ -97,7 +105,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
             noise, clean, val = _split_args(args)
             prepare(args.source, args.out, noise=noise, clean_per_class=clean, val_per_class=val,
-                    test_fraction=args.test_fraction, seed=args.seed, options=_options(args.option),
+                    test_fraction=args.test_fraction, seed=args.seed, options=_source_options(args),
                     overwrite=args.overwrite, progress=not args.quiet, limit=args.limit, workers=args.workers)
             return 0
         from metacorrect.datasets.inspect import inspect_dataset
@@ -146,6 +154,23 @@ def _split_args(args: argparse.Namespace) -> tuple[str, int, int]:
         return p.noise, p.clean_per_class, p.val_per_class
     return (args.noise or "none", 10 if args.clean_per_class is None else args.clean_per_class,
             20 if args.val_per_class is None else args.val_per_class)
+
+
+def _source_options(args: argparse.Namespace) -> dict[str, Any]:
+    """--option KEY=VALUE items, plus the synthetic shortcuts (--n, --classes, --image-size)."""
+    from metacorrect.config import ConfigError
+
+    out = _options(args.option)
+    for flag, option, _ in SYNTHETIC_FLAGS:
+        value = getattr(args, option)
+        if value is None:
+            continue
+        if args.source != "synthetic":
+            raise ConfigError(f"{flag}: only for the synthetic source (got source '{args.source}')")
+        if option in out and out[option] != value:
+            raise ConfigError(f"{flag} {value} contradicts --option {option}={out[option]}")
+        out[option] = value
+    return out
 
 
 def _options(items: list[str]) -> dict[str, Any]:

@@ -20,6 +20,9 @@ class Pool:
     read: Callable[[np.ndarray], list[bytes]]  # indices -> encoded images, in that order
     pixels: Callable[[np.ndarray], np.ndarray] | None = None  # indices -> float features (instance noise)
     noisy_labels: np.ndarray | None = None  # labels that come with the source (real noise)
+    # `read` computes its images from a few parameters (nothing loaded to ship to other processes), so large
+    # prepares run it in parallel Ray tasks, shard by shard, resumable.
+    generated: bool = False
 
     def __len__(self) -> int:
         return len(self.labels)

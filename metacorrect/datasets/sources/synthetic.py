@@ -8,6 +8,7 @@ beyond the images asked for. Pools from here are marked `generated`: large prepa
 from __future__ import annotations
 
 import hashlib
+from statistics import NormalDist
 
 import numpy as np
 
@@ -32,22 +33,27 @@ def load_synthetic_source(n: int = 2000, num_classes: int = 10, image_size: int 
     coarse = rng.normal(size=(num_classes, 4, 4, channels))
     reps = -(-image_size // 4)
     protos = np.kron(coarse, np.ones((1, reps, reps, 1)))[:, :image_size, :image_size]
-    protos = (protos / (np.abs(protos).max(axis=(1, 2, 3), keepdims=True) + 1e-8)).astype(np.float32)
+    protos = np.rint(128 + 90 * protos / (np.abs(protos).max(axis=(1, 2, 3), keepdims=True) + 1e-8)).astype(np.int16)
+    # Gaussian pixel noise from random bytes through the normal quantiles of 256 equiprobable levels: a table
+    # look-up in int16 instead of float draws and arithmetic (4x less work at 1M images).
+    quantiles = NormalDist().inv_cdf
+    noise_of_byte = np.array([round(noise_std * quantiles((k + 0.5) / 256)) for k in range(256)], np.int16)
+    shape = (image_size, image_size, channels)
 
     def pixels_of(idx: np.ndarray) -> np.ndarray:
         idx = np.asarray(idx, np.int64)
-        noise = np.empty((len(idx), image_size, image_size, channels), np.float32)
+        noise = np.empty((len(idx), *shape), np.uint8)
         shifts = np.empty((len(idx), 2), np.int64)
         for k, i in enumerate(idx):
             irng = np.random.default_rng([seed, 1, int(i)])
             shifts[k] = irng.integers(-2, 3, size=2)
-            irng.standard_normal(dtype=np.float32, out=noise[k])
+            noise[k] = np.frombuffer(irng.bytes(noise[k].size), np.uint8).reshape(shape)
         # The class prototype rolled by each image's shift, gathered for the whole batch at once.
         rows = (np.arange(image_size)[None, :] - shifts[:, :1]) % image_size
         cols = (np.arange(image_size)[None, :] - shifts[:, 1:]) % image_size
-        base = protos[labels[idx][:, None, None], rows[:, :, None], cols[:, None, :]]
-        img = noise * np.float32(noise_std) + (128 + 90 * base)
-        return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+        img = protos[labels[idx][:, None, None], rows[:, :, None], cols[:, None, :]]
+        img += noise_of_byte[noise]
+        return np.clip(img, 0, 255).astype(np.uint8)
 
     def read(idx: np.ndarray) -> list[bytes]:
         return [encode_image(img, encoding) for img in pixels_of(idx)]
@@ -60,7 +66,7 @@ def load_synthetic_source(n: int = 2000, num_classes: int = 10, image_size: int 
         pooled = px.reshape(len(idx), image_size // f, f, image_size // f, f, channels).mean(axis=(2, 4))
         return pooled.reshape(len(idx), -1)
 
-    key = f"{n}-{num_classes}-{image_size}-{channels}-{noise_std}-{encoding}-{seed}"
+    key = f"v2-{n}-{num_classes}-{image_size}-{channels}-{noise_std}-{encoding}-{seed}"
     return SourceData(
         name="synthetic",
         class_names=[f"class_{c}" for c in range(num_classes)],

@@ -18,6 +18,19 @@ def rss_bytes(pid: int | None = None) -> int:
         return 0
 
 
+def pss_bytes(pid: int | None = None) -> int:
+    """Proportional set size: resident pages with each shared page split among the processes mapping it,
+    so a sum over processes that share memory (Ray's object store) counts it once. 0 if gone."""
+    try:
+        with open(f"/proc/{pid or os.getpid()}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except (FileNotFoundError, ProcessLookupError, PermissionError, ValueError):
+        pass
+    return 0
+
+
 def descendants(pid: int | None = None) -> list[int]:
     """Child processes, recursively (DataLoader workers and the like)."""
     out, todo = [], [pid or os.getpid()]
@@ -34,17 +47,22 @@ def descendants(pid: int | None = None) -> list[int]:
 
 
 class PeakRSS:
-    """Peak total RSS of `pids()` (default: this process) above its level at start, sampled every 20 ms."""
+    """Peak total RSS of `pids()` (default: this process) above its level at start, sampled every 20 ms.
 
-    def __init__(self, pids: Callable[[], list[int]] | None = None, interval: float = 0.02):
+    `per_process` measures one process (default `rss_bytes`; `pss_bytes` for processes sharing memory).
+    """
+
+    def __init__(self, pids: Callable[[], list[int]] | None = None, interval: float = 0.02,
+                 per_process: Callable[[int], int] = rss_bytes):
         self.pids = pids or (lambda: [os.getpid()])
+        self.per_process = per_process
         self.interval = interval
         self.start = self.peak = self._total()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _total(self) -> int:
-        return sum(rss_bytes(p) for p in self.pids())
+        return sum(self.per_process(p) for p in self.pids())
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -23,6 +23,11 @@ NOISE_HELP = ("label noise: none | symmetric:RATE[:uniform][:exact] | pair:RATE[
               "default draws each label from T ('sampled'), :exact corrupts exactly round(RATE*n)")
 
 
+# Shortcut flags of `data prepare` for the synthetic source's options: (flag, option, help).
+SYNTHETIC_FLAGS = (("--n", "n", "number of images"), ("--classes", "num_classes", "number of classes"),
+                   ("--image-size", "image_size", "side of the square images in pixels"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metacorrect", description="Meta-learning for noisy labels on Ray, "
                                      "tracked in MLflow.", epilog=EPILOG,
@@ -93,17 +98,30 @@ def build_parser() -> argparse.ArgumentParser:
     p_data = sub.add_parser("data", help="prepare and inspect data sets")
     data_sub = p_data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     p_prep = data_sub.add_parser("prepare", help="turn a source into the canonical parquet data set",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p_prep.add_argument("source", help="source name (digits, synthetic)")
+                                 description="Turn a source into the canonical parquet data set (README 'Data "
+                                 "contract'). The directory appears only when complete; image-folder sources "
+                                 "are prepared on Ray and resume where a killed prepare stopped.")
+    p_prep.add_argument("source", help="source name: digits, synthetic, cifar10, cifar100, cifar10n, clothing1m, "
+                        "food101n (file sources need --option root=PATH; see README 'Data sets')")
     p_prep.add_argument("--out", required=True, help="output directory (appears only when complete)")
-    p_prep.add_argument("--noise", default="none", help=NOISE_HELP)
-    p_prep.add_argument("--clean-per-class", type=int, default=10, help="clean (meta) images per class")
-    p_prep.add_argument("--val-per-class", type=int, default=20, help="clean validation images per class")
+    p_prep.add_argument("--noise", default=None, help=NOISE_HELP + " (default: none)")
+    p_prep.add_argument("--clean-per-class", type=int, default=None, help="clean (meta) images per class (default: 10)")
+    p_prep.add_argument("--val-per-class", type=int, default=None,
+                        help="clean validation images per class (default: 20)")
+    p_prep.add_argument("--preset", metavar="NAME:RATE",
+                        help="a paper's CIFAR protocol, setting --noise, --clean-per-class, --val-per-class: "
+                        "mlc-uniform, mlc-flip, emlc-sym, emlc-asym, ieg-10, ieg-1, mwnet-a (e.g. emlc-sym:0.8)")
     p_prep.add_argument("--test-fraction", type=float, default=0.2,
-                        help="held-out test fraction for sources without a test split")
-    p_prep.add_argument("--seed", type=int, default=0, help="seed of the splits and the noise")
+                        help="held-out test fraction for sources without a test split (default: 0.2)")
+    p_prep.add_argument("--seed", type=int, default=0, help="seed of the splits and the noise (default: 0)")
     p_prep.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="source option, e.g. n=100000, image_size=64 for synthetic (repeatable)")
+    for flag, option, what in SYNTHETIC_FLAGS:
+        p_prep.add_argument(flag, type=int, dest=option, help=f"synthetic: {what} (= --option {option}=...)")
+    p_prep.add_argument("--limit", type=int, help="use only the first N images of each pool / list (try a subset)")
+    p_prep.add_argument("--workers", type=int,
+                        help="parallel Ray tasks for image-folder sources and synthetic sets of >= 100,000 "
+                        "images (default: one per CPU)")
     p_prep.add_argument("--overwrite", action="store_true", help="replace an existing data set")
     p_prep.add_argument("--quiet", action="store_true")
     p_insp = data_sub.add_parser("inspect", help="counts per split, actual noise rate, transition matrix")
@@ -144,9 +162,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.data_command == "prepare":
             from metacorrect.datasets.prepare import prepare
 
-            prepare(args.source, args.out, noise=args.noise, clean_per_class=args.clean_per_class,
-                    val_per_class=args.val_per_class, test_fraction=args.test_fraction, seed=args.seed,
-                    options=_options(args.option), overwrite=args.overwrite, progress=not args.quiet)
+            noise, clean, val = _split_args(args)
+            prepare(args.source, args.out, noise=noise, clean_per_class=clean, val_per_class=val,
+                    test_fraction=args.test_fraction, seed=args.seed, options=_source_options(args),
+                    overwrite=args.overwrite, progress=not args.quiet, limit=args.limit, workers=args.workers)
             return 0
         from metacorrect.datasets.inspect import inspect_dataset
 
@@ -218,6 +237,39 @@ def _submit(args: argparse.Namespace) -> int:
                     follow=args.follow, submission_id=args.job_id, entrypoint_num_gpus=args.entrypoint_num_gpus,
                     excludes=args.exclude)
     return result.exit_code
+
+
+def _split_args(args: argparse.Namespace) -> tuple[str, int, int]:
+    """--noise / --clean-per-class / --val-per-class, from a --preset or given one by one (not both)."""
+    from metacorrect.config import ConfigError
+    from metacorrect.datasets.presets import resolve_preset
+
+    given = {"--noise": args.noise, "--clean-per-class": args.clean_per_class, "--val-per-class": args.val_per_class}
+    if args.preset:
+        clash = [k for k, v in given.items() if v is not None]
+        if clash:
+            raise ConfigError(f"--preset {args.preset} sets {', '.join(clash)}; give one or the other")
+        p = resolve_preset(args.preset, args.source)
+        return p.noise, p.clean_per_class, p.val_per_class
+    return (args.noise or "none", 10 if args.clean_per_class is None else args.clean_per_class,
+            20 if args.val_per_class is None else args.val_per_class)
+
+
+def _source_options(args: argparse.Namespace) -> dict[str, Any]:
+    """--option KEY=VALUE items, plus the synthetic shortcuts (--n, --classes, --image-size)."""
+    from metacorrect.config import ConfigError
+
+    out = _options(args.option)
+    for flag, option, _ in SYNTHETIC_FLAGS:
+        value = getattr(args, option)
+        if value is None:
+            continue
+        if args.source != "synthetic":
+            raise ConfigError(f"{flag}: only for the synthetic source (got source '{args.source}')")
+        if option in out and out[option] != value:
+            raise ConfigError(f"{flag} {value} contradicts --option {option}={out[option]}")
+        out[option] = value
+    return out
 
 
 def _options(items: list[str]) -> dict[str, Any]:

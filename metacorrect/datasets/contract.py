@@ -47,6 +47,7 @@ class DatasetMeta:
     pixel_std: list[float]
     source_checksum: str
     prepare_args: dict[str, Any] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)  # images left out by prepare, by reason (missing, corrupt)
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:

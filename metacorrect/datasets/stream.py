@@ -14,14 +14,18 @@ from metacorrect.datasets.contract import DatasetMeta, split_files
 
 AUGMENTS = ("none", "shift", "crop_flip")
 STRONG_AUGMENTS = ("randaugment", "affine")  # views for methods that ask for them (IEG's pseudo labels)
-SMALL_SPLIT_FILES = 16  # below this many shards a split is re-blocked (64 MiB shards: < 1 GiB)
+SMALL_SPLIT_FILES = 16  # below this many shards a split is re-blocked before decode (64 MiB shards: < 1 GiB)
 
 
-def open_split(directory: str | Path, split: str, meta: DatasetMeta, shuffle_files: bool = False):
+def open_split(directory: str | Path, split: str, meta: DatasetMeta, shuffle_files: bool = False,
+               decode_concurrency: int | None = None):
     """A lazy Ray Dataset of one split with columns id, image (N,H,W,C uint8), label, true_label.
 
     Blocks are kept to ~1/32 of the split (at most 1024 rows) so that a split streamed to several
-    workers is dealt out evenly; one block per file would hand a small split to a single worker.
+    workers is dealt out evenly, and so that decode runs in parallel from the first file on: a split
+    stored as a few files is cut into blocks of still-encoded rows *before* decode (a streaming split of
+    each read block, no all-to-all barrier), otherwise one file would be decoded by one task.
+    `decode_concurrency` caps the parallel decode tasks (default: as many as the cluster's CPUs allow).
     """
     import ray.data
 
@@ -29,12 +33,11 @@ def open_split(directory: str | Path, split: str, meta: DatasetMeta, shuffle_fil
     rows = meta.counts.get(split, 0)
     block_rows = max(16, min(1024, rows // 32))
     ds = ray.data.read_parquet(files, shuffle="files" if shuffle_files else None)
-    ds = ds.map_batches(decode_batch, batch_format="numpy", batch_size=block_rows,
-                        fn_kwargs={"encoding": meta.encoding, "shape": tuple(meta.image_shape)})
     if len(files) < SMALL_SPLIT_FILES:
-        # A few files become a few blocks, and a split deals whole blocks to workers: cut them smaller.
         ds = ds.repartition(target_num_rows_per_block=block_rows)
-    return ds
+    return ds.map_batches(decode_batch, batch_format="numpy", batch_size=block_rows,
+                          compute=ray.data.TaskPoolStrategy(size=decode_concurrency),
+                          fn_kwargs={"encoding": meta.encoding, "shape": tuple(meta.image_shape)})
 
 
 def decoded_bytes(meta: DatasetMeta, split: str) -> int:

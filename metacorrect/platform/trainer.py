@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import math
-import os
 import time
 import uuid
 from pathlib import Path
@@ -23,10 +21,10 @@ from metacorrect.datasets.noise import parse_noise
 from metacorrect.datasets.prepare import prepare
 from metacorrect.datasets.stream import decoded_bytes, open_split
 from metacorrect.platform import checkpoint as ckpt
-from metacorrect.platform import plots, quiet, tracking
+from metacorrect.platform import plots, tracking
+from metacorrect.platform.cluster import ensure_ray
 from metacorrect.platform.loop import RunContext, train_loop_per_worker
 from metacorrect.platform.results import RunResult
-from metacorrect.platform.workers import SETUP_HOOK
 
 SPLIT_ACROSS_WORKERS = ["noisy", "noisy_eval", "val", "test"]
 
@@ -64,31 +62,6 @@ def ensure_dataset(data: DataConfig, progress: bool = True) -> tuple[Path, Datas
         if diff:
             raise DataError(f"{path}: was prepared with {', '.join(diff)}; delete it or set data.path")
     return path, meta
-
-
-def ensure_ray() -> None:
-    """Join the cluster of $RAY_ADDRESS (e.g. inside `ray job submit`), else start a local one."""
-    if not ray.is_initialized():
-        # No print patch: it echoes every worker print a second time through Ray Train's logger.
-        env = {"RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
-        if not os.environ.get("RAY_ADDRESS"):
-            env[quiet.ENV] = quiet.ray_data_console_config()
-        # Inside a Ray job, Ray refuses a driver runtime_env that names the job's env vars again.
-        env = {k: v for k, v in env.items() if k not in (_job_runtime_env().get("env_vars") or {})}
-        os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
-        runtime_env = {"env_vars": env}
-        if "worker_process_setup_hook" not in _job_runtime_env():
-            runtime_env["worker_process_setup_hook"] = SETUP_HOOK
-        ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level=logging.WARNING, runtime_env=runtime_env)
-    quiet.quiet_this_process()
-
-
-def _job_runtime_env() -> dict[str, Any]:
-    """The runtime_env of the Ray job this driver runs in ({} outside `ray job submit`)."""
-    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
-
-    raw = os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR)
-    return (json.loads(raw).get("runtime_env") or {}) if raw else {}
 
 
 def run(config: ExperimentConfig | str | Path | dict[str, Any] | None = None,

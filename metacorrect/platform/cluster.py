@@ -1,0 +1,37 @@
+"""Joining or starting the Ray cluster, shared by training runs, sweeps and Ray-based data preparation."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+from metacorrect.platform import quiet
+from metacorrect.platform.workers import SETUP_HOOK
+
+
+def ensure_ray() -> None:
+    """Join the cluster of $RAY_ADDRESS (e.g. inside `ray job submit`), else start a local one."""
+    import ray
+
+    if not ray.is_initialized():
+        # No print patch: it echoes every worker print a second time through Ray Train's logger.
+        env = {"RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+        if not os.environ.get("RAY_ADDRESS"):
+            env[quiet.ENV] = quiet.ray_data_console_config()
+        # Inside a Ray job, Ray refuses a driver runtime_env that names the job's env vars again.
+        env = {k: v for k, v in env.items() if k not in (job_runtime_env().get("env_vars") or {})}
+        os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+        runtime_env: dict[str, Any] = {"env_vars": env}
+        if "worker_process_setup_hook" not in job_runtime_env():
+            runtime_env["worker_process_setup_hook"] = SETUP_HOOK
+        ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level=logging.WARNING, runtime_env=runtime_env)
+    quiet.quiet_this_process()
+
+
+def job_runtime_env() -> dict[str, Any]:
+    """The runtime_env of the Ray job this driver runs in ({} outside `ray job submit`)."""
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    raw = os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR)
+    return (json.loads(raw).get("runtime_env") or {}) if raw else {}

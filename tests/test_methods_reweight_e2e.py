@@ -7,7 +7,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-EPOCHS = 5  # erm and ieg, compared
+EPOCHS = 15  # erm and ieg, compared (shorter cosine schedules stop erm before it memorises: 5 epochs give erm 0.97)
 WEIGHT_EPOCHS = 2  # mwnet and l2rw: run end to end and log their weights
 NOISY_ROWS = 1138  # digits with 10 clean and 20 val images per class and a 20% test split
 

@@ -37,10 +37,11 @@ class LookaheadResult:
     meta_loss: float  # clean loss at w' (this worker's meta batch)
 
 
-def virtual_step(params: dict[str, Tensor], grads: dict[str, Tensor], optimizer: torch.optim.Optimizer,
+def optimizer_lookahead(params: dict[str, Tensor], grads: dict[str, Tensor], optimizer: torch.optim.Optimizer,
                  model: nn.Module, step: float | None = None) -> dict[str, Tensor]:
-    """w' as the optimizer's next SGD step from `grads` would make it (momentum, nesterov, weight decay);
-    with `step`, a plain SGD step of that size (no momentum, no weight decay). Works on graphs too."""
+    """w' as the optimizer's next SGD step from `grads` would make it (dampening, nesterov, the first step's
+    buffer, weight decay, per-group lr); with `step`, a plain SGD step of that size. Works on graphs too
+    (the exact path). `metagrad.virtual_step` is the fixed-step form IEG and MW-Net prescribe."""
     if step is not None:
         return {n: p - step * grads[n] for n, p in params.items()}
     hparams = _sgd_hparams(optimizer, model)
@@ -89,7 +90,7 @@ def labels_first_meta_grad(model: nn.Module, optimizer: torch.optim.Optimizer, f
         names = list(params)
         grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=True, allow_unused=True)
         grads = {n: torch.zeros_like(params[n]) if g is None else g for n, g in zip(names, grads)}
-        fast = virtual_step({n: p.detach() for n, p in params.items()}, grads, optimizer, model, step)
+        fast = optimizer_lookahead({n: p.detach() for n, p in params.items()}, grads, optimizer, model, step)
         with frozen_running_stats(model):
             clean_loss = meta_loss(functional_call(model, ({**buffers, **fast},), (clean_x,)), clean_y)
         (grad_a,) = torch.autograd.grad(clean_loss, [a])
@@ -103,7 +104,7 @@ def labels_first_meta_grad(model: nn.Module, optimizer: torch.optim.Optimizer, f
     if distributed:
         collective.weighted_mean_(list(grads.values()), weight)
     w = {n: p.detach() for n, p in params.items()}
-    fast = virtual_step(w, grads, optimizer, model, step)
+    fast = optimizer_lookahead(w, grads, optimizer, model, step)
     g_new, clean_loss = _clean_grad_and_loss(model, fast, buffers, clean_x, clean_y, meta_loss)
     if distributed:
         collective.weighted_mean_(list(g_new.values()), clean_weight)

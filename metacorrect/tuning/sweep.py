@@ -315,7 +315,10 @@ def _close_child(uri: str, base: ExperimentConfig, result, run_dir: Path, data_d
         return None
     run_id = json.loads(marker.read_text())["run_id"]
     run = tracking.client(uri).get_run(run_id)
-    if run.info.status != "RUNNING":
+    # A trial the scheduler stops can be interrupted inside `fit()`, which ends its run as FAILED first:
+    # that stop is the sweep's intent, so the run is still completed (artifacts) and closed FINISHED.
+    interrupted_stop = run.info.status == "FAILED" and status == "stopped early"
+    if run.info.status != "RUNNING" and not interrupted_stop:
         return run_id
     cfg = base.with_values({k: _plain(v) for k, v in result.config.items()})
     path = (result.metrics or {}).get("checkpoint_path")

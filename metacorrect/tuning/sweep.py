@@ -269,6 +269,13 @@ def _collect(grid, base: ExperimentConfig, space: dict[str, Any], options: Sweep
         status = "error" if result.error else ("finished" if history and history[-1].get("epoch", 0)
                                                >= base.train.epochs else "stopped early")
         child_id = _close_child(uri, base, result, run_dir, data_dir, status, history)
+        # A trial stopped by the scheduler may finish (and log) an epoch whose report Tune never received:
+        # the trial's own record, read from its last checkpoint, is the complete history.
+        recorded = _recorded_history(run_dir)
+        if len(recorded) > len(history):
+            history = recorded
+            if status != "error" and history[-1].get("epoch", 0) >= base.train.epochs:
+                status = "finished"
         params = {k: result.config.get(k) for k in space}
         values = [h[metric] for h in history if metric in h]
         best = (max if mode == "max" else min)(values) if values else math.nan
@@ -291,6 +298,14 @@ def _collect(grid, base: ExperimentConfig, space: dict[str, Any], options: Sweep
                       best_trial_id=best_id, best_config=best_cfg, parent_run_id=parent_id, tracking_uri=uri,
                       wall_s=time.time() - started, best_params=best_params, curves=curves)
     return out
+
+
+def _recorded_history(run_dir: Path) -> list[dict[str, Any]]:
+    """The per-epoch history the trial itself recorded (its result file), [] if there is none."""
+    path = run_dir / TRIAL_RESULT_FILE
+    if not path.is_file():
+        return []
+    return [{k: _plain(v) for k, v in row.items()} for row in json.loads(path.read_text()).get("history") or []]
 
 
 def _history(result) -> list[dict[str, Any]]:

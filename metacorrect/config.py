@@ -14,6 +14,8 @@ from typing import Any, ClassVar, Union
 
 import yaml
 
+from metacorrect.checks import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, UNIT_HALF_OPEN, UNIT_OPEN, field_problems, one_of
+
 
 class ConfigError(ValueError):
     """Invalid configuration; `problems` holds one line per problem."""
@@ -47,13 +49,8 @@ class PrepareConfig:
             parse_noise(self.noise)
         except NoiseSpecError as e:
             problems.append(f"data.prepare.noise: {e}")
-        if self.clean_per_class < 0:
-            problems.append(f"data.prepare.clean_per_class: must be >= 0, got {self.clean_per_class}")
-        if self.val_per_class < 0:
-            problems.append(f"data.prepare.val_per_class: must be >= 0, got {self.val_per_class}")
-        if not 0.0 < self.test_fraction < 1.0:
-            problems.append(f"data.prepare.test_fraction: must be in (0, 1), got {self.test_fraction}")
-        return problems
+        return problems + field_problems("data.prepare", self, {
+            "clean_per_class": NON_NEGATIVE, "val_per_class": NON_NEGATIVE, "test_fraction": UNIT_OPEN})
 
 
 @dataclass
@@ -68,14 +65,8 @@ class DataConfig:
     def validate(self) -> list[str]:
         from metacorrect.datasets.stream import AUGMENTS
 
-        problems = []
-        if self.augment not in AUGMENTS:
-            problems.append(f"data.augment: expected one of {', '.join(AUGMENTS)}, got '{self.augment}'")
-        if self.cache_mb < 0:
-            problems.append(f"data.cache_mb: must be >= 0, got {self.cache_mb}")
-        if self.shuffle_buffer < 0:
-            problems.append(f"data.shuffle_buffer: must be >= 0, got {self.shuffle_buffer}")
-        return problems
+        return field_problems("data", self, {"augment": one_of(AUGMENTS), "cache_mb": NON_NEGATIVE,
+                                             "shuffle_buffer": NON_NEGATIVE})
 
     def resolved_path(self) -> Path:
         if self.path:
@@ -97,8 +88,7 @@ class ModelConfig:
         problems = []
         if self.arch not in ARCHS:
             problems.append(f"model.arch: unknown architecture '{self.arch}' (expected one of {', '.join(ARCHS)})")
-        if self.width < 1:
-            problems.append(f"model.width: must be >= 1, got {self.width}")
+        problems += field_problems("model", self, {"width": AT_LEAST_ONE})
         if self.pretrained and not Path(self.pretrained).expanduser().is_file():
             problems.append(f"model.pretrained: file not found: {self.pretrained}")
         return problems
@@ -115,13 +105,8 @@ class OptimConfig:
     gamma: float = 0.1
 
     def validate(self) -> list[str]:
-        problems = []
-        if self.lr <= 0:
-            problems.append(f"optim.lr: must be > 0, got {self.lr}")
-        if not 0 <= self.momentum < 1:
-            problems.append(f"optim.momentum: must be in [0, 1), got {self.momentum}")
-        if self.weight_decay < 0:
-            problems.append(f"optim.weight_decay: must be >= 0, got {self.weight_decay}")
+        problems = field_problems("optim", self, {"lr": POSITIVE, "momentum": UNIT_HALF_OPEN,
+                                                  "weight_decay": NON_NEGATIVE})
         if self.schedule not in ("constant", "cosine", "multistep"):
             problems.append(f"optim.schedule: expected constant, cosine or multistep, got '{self.schedule}'")
         if self.nesterov and self.momentum == 0:
@@ -139,11 +124,8 @@ class TrainConfig:
     eval_noisy_train: bool = True  # per-epoch label recovery of the model on the noisy set
 
     def validate(self) -> list[str]:
-        problems = []
-        for name in ("epochs", "batch_size", "clean_batch_size", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                problems.append(f"train.{name}: must be >= 1, got {getattr(self, name)}")
-        return problems
+        return field_problems("train", self, {"epochs": AT_LEAST_ONE, "batch_size": AT_LEAST_ONE,
+                                              "clean_batch_size": AT_LEAST_ONE, "eval_batch_size": AT_LEAST_ONE})
 
 
 @dataclass
@@ -156,15 +138,9 @@ class ResourcesConfig:
     max_failures: int = 2  # worker-group restarts from the last checkpoint
 
     def validate(self) -> list[str]:
-        problems = []
-        if self.num_workers < 0:
-            problems.append(f"resources.num_workers: must be >= 0, got {self.num_workers}")
-        if self.cpus_per_worker is not None and self.cpus_per_worker <= 0:
-            problems.append(f"resources.cpus_per_worker: must be > 0, got {self.cpus_per_worker}")
-        if self.gpus_per_worker <= 0:
-            problems.append(f"resources.gpus_per_worker: must be > 0, got {self.gpus_per_worker}")
-        if self.data_cpus < 0:
-            problems.append(f"resources.data_cpus: must be >= 0, got {self.data_cpus}")
+        problems = field_problems("resources", self, {
+            "num_workers": NON_NEGATIVE, "cpus_per_worker": POSITIVE.or_null("share the cluster's CPUs"),
+            "gpus_per_worker": POSITIVE, "data_cpus": NON_NEGATIVE})
         if self.max_failures < -1:
             problems.append(f"resources.max_failures: must be >= -1 (-1 = unlimited), got {self.max_failures}")
         return problems

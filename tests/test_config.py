@@ -172,6 +172,43 @@ def test_invalid_value_reported_on_one_line(override: str, dotted: str, fragment
     assert "\n" not in problems[0]
 
 
+@pytest.mark.parametrize("name, override, fragment", [
+    ("mlc", "method.k=0", "method.k: must be >= 1, got 0"), ("emlc", "method.k=0", "method.k: must be >= 1"),
+    ("mlc", "method.meta_lr=-0.001", "method.meta_lr: must be > 0"), ("emlc", "method.meta_lr=-1", "method.meta_lr"),
+    ("mlc", "method.alpha=1.5", "method.alpha: must be in [0, 1] or null (a learned per-sample gate), got 1.5"),
+    ("mlc", "method.alpha=-0.1", "method.alpha"), ("mlc", "method.meta_grad=slow", "got 'slow'"),
+    ("emlc", "method.corruption=sideways", "method.corruption: expected one of"),
+    ("mslg", "method.K=-1", "method.K: must be > 0, got -1"), ("mslg", "method.label_lr=0", "method.label_lr"),
+    ("mslg", "method.lookahead_lr=-0.5", "method.lookahead_lr: must be > 0 or null (the real step), got -0.5"),
+    ("soft_labels", "method.mode=both", "method.mode: expected one of class, instance, got 'both'"),
+    ("soft_labels", "method.p0=1.0", "method.p0: must be in (0, 1), got 1.0"),
+    ("ieg", "method.views=0", "method.views"), ("ieg", "method.strong_augment=autoaugment", "method.strong_augment"),
+    ("ieg", "method.temperature=0", "method.temperature"), ("ieg", "method.mix_init=1.5", "method.mix_init"),
+    ("ieg", "method.ema_decay=1", "method.ema_decay: must be in [0, 1), got 1"), ("ieg", "method.meta_grad=slow", "got 'slow'"),
+    ("mwnet", "method.meta_lr=0", "method.meta_lr"), ("mwnet", "method.hidden_dim=0", "method.hidden_dim"),
+    ("l2rw", "method.meta_grad=slow", "method.meta_grad: expected one of fast, exact, got 'slow'"),
+    ("erm", "resources.cpus_per_worker=0", "resources.cpus_per_worker: must be > 0 or null"),
+])
+def test_method_field_reported_on_one_line(name: str, override: str, fragment: str) -> None:
+    """Every method's config names the field it rejects, on one line (the same wording as the other sections)."""
+    with pytest.raises(ConfigError) as info:
+        ExperimentConfig().for_method(name).with_overrides([override])
+    field = override.split("=")[0]
+    assert [p.split(":")[0] for p in info.value.problems] == [field]
+    assert fragment in info.value.problems[0]
+
+
+def test_field_rules_reject_wrong_types_without_raising() -> None:
+    from metacorrect.checks import COUNT, POSITIVE, field_problems, one_of
+
+    class Section:
+        k, lr, mode, gate = 2.0, "fast", 3, None
+
+    assert field_problems("s", Section(), {"k": COUNT, "lr": POSITIVE, "mode": one_of(("a", "b")),
+                                           "gate": POSITIVE.or_null("off")}) == [
+        "s.k: must be >= 1, got 2.0", "s.lr: must be > 0, got fast", "s.mode: expected one of a, b, got '3'"]
+
+
 def test_batch_sizes_checked_against_num_workers() -> None:
     problems = problems_of(["resources.num_workers=3"])
     assert sorted(p.split(":")[0] for p in problems) == ["train.batch_size", "train.clean_batch_size"]

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from metacorrect.config import ConfigError, ExperimentConfig
+from metacorrect.config import ExperimentConfig
 from metacorrect.methods import METHODS, Batch
 from metacorrect.methods import metagrad as mg
 from metacorrect.methods.backbones import build_backbone
@@ -318,21 +318,6 @@ def test_two_workers_equal_one_worker(tmp_path, float64_one_thread):
 
 
 # ---- config -------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name,override,field", [
-    ("ieg", "method.views=0", "method.views"), ("ieg", "method.strong_augment=autoaugment", "method.strong_augment"),
-    ("ieg", "method.temperature=0", "method.temperature"), ("ieg", "method.mix_init=1.5", "method.mix_init"),
-    ("ieg", "method.ema_decay=1", "method.ema_decay"), ("ieg", "method.meta_grad=slow", "method.meta_grad"),
-    ("mwnet", "method.meta_lr=0", "method.meta_lr"), ("mwnet", "method.hidden_dim=0", "method.hidden_dim"),
-    ("l2rw", "method.meta_grad=slow", "method.meta_grad"),
-])
-def test_config_validation_names_the_field(name, override, field):
-    base = ExperimentConfig().for_method(name)
-    with pytest.raises(ConfigError) as err:
-        base.with_overrides([override])
-    assert len(err.value.problems) == 1
-    assert err.value.problems[0].startswith(field + ":")
-
-
 def test_config_defaults_are_the_papers():
     ieg = ExperimentConfig().for_method("ieg").method
     assert (ieg.meta_stepsize, ieg.meta_momentum, ieg.mix_init, ieg.temperature, ieg.ce_factor,

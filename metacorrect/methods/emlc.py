@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from metacorrect.checks import UNIT_HALF_OPEN, field_problems, one_of
 from metacorrect.config import MethodConfig
 from metacorrect.methods.backbones import Backbone, build_backbone
 from metacorrect.methods.base import Batch, Method, grads_of
@@ -72,15 +73,9 @@ class EMLCConfig(MethodConfig):
                                               "optim.lr": {"loguniform": [0.005, 0.2]}}
 
     def validate(self) -> list[str]:
-        problems = meta_problems(self)
-        if self.corruption not in CORRUPTIONS:
-            problems.append(f"method.corruption: expected one of {', '.join(CORRUPTIONS)}, got '{self.corruption}'")
-        if self.teacher_optimizer not in TEACHER_OPTIMIZERS:
-            problems.append(f"method.teacher_optimizer: expected one of {', '.join(TEACHER_OPTIMIZERS)}, "
-                            f"got '{self.teacher_optimizer}'")
-        if not 0.0 <= self.teacher_momentum < 1.0:
-            problems.append(f"method.teacher_momentum: must be in [0, 1), got {self.teacher_momentum}")
-        return problems
+        return meta_problems(self) + field_problems("method", self, {
+            "corruption": one_of(CORRUPTIONS), "teacher_optimizer": one_of(TEACHER_OPTIMIZERS),
+            "teacher_momentum": UNIT_HALF_OPEN})
 
 
 class Teacher(nn.Module):

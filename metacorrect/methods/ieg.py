@@ -41,14 +41,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from metacorrect.checks import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, UNIT_CLOSED, UNIT_HALF_OPEN, field_problems, one_of
 from metacorrect.config import MethodConfig
 from metacorrect.datasets.stream import STRONG_AUGMENTS
 from metacorrect.methods.base import Batch, Method
-from metacorrect.methods.metagrad import exact_mixed_grads, frozen_running_stats, lower_jvp, virtual_step
+from metacorrect.methods.metagrad import MODES, exact_mixed_grads, frozen_running_stats, lower_jvp, virtual_step
 from metacorrect.methods.reweight import (Rows, WeightTable, current_state, mean_clean_gradient, mean_gradient,
                                           normalised_weights, rows_of)
 
-MODES = ("fast", "exact")
 
 
 @dataclass
@@ -69,30 +69,11 @@ class IEGConfig(MethodConfig):
     ema_decay: float = 0.999  # EMA of the weights for evaluation (0 disables the EMA model)
 
     def validate(self) -> list[str]:
-        problems = []
-        if self.meta_grad not in MODES:
-            problems.append(f"method.meta_grad: expected one of {', '.join(MODES)}, got '{self.meta_grad}'")
-        if not self.meta_stepsize > 0:
-            problems.append(f"method.meta_stepsize: must be > 0, got {self.meta_stepsize}")
-        if not 0.0 <= self.meta_momentum < 1.0:
-            problems.append(f"method.meta_momentum: must be in [0, 1), got {self.meta_momentum}")
-        if not 0.0 <= self.mix_init <= 1.0:
-            problems.append(f"method.mix_init: must be in [0, 1], got {self.mix_init}")
-        if not self.temperature > 0:
-            problems.append(f"method.temperature: must be > 0, got {self.temperature}")
-        if self.views < 1:
-            problems.append(f"method.views: must be >= 1, got {self.views}")
-        if self.strong_augment not in STRONG_AUGMENTS:
-            problems.append(f"method.strong_augment: expected one of {', '.join(STRONG_AUGMENTS)}, "
-                            f"got '{self.strong_augment}'")
-        if not self.mixup_beta > 0:
-            problems.append(f"method.mixup_beta: must be > 0, got {self.mixup_beta}")
-        for name in ("ce_factor", "consistency_factor", "split_threshold"):
-            if getattr(self, name) < 0:
-                problems.append(f"method.{name}: must be >= 0, got {getattr(self, name)}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            problems.append(f"method.ema_decay: must be in [0, 1), got {self.ema_decay}")
-        return problems
+        return field_problems("method", self, {
+            "meta_grad": one_of(MODES), "meta_stepsize": POSITIVE, "meta_momentum": UNIT_HALF_OPEN,
+            "mix_init": UNIT_CLOSED, "temperature": POSITIVE, "views": AT_LEAST_ONE,
+            "strong_augment": one_of(STRONG_AUGMENTS), "mixup_beta": POSITIVE, "ce_factor": NON_NEGATIVE,
+            "consistency_factor": NON_NEGATIVE, "split_threshold": NON_NEGATIVE, "ema_decay": UNIT_HALF_OPEN})
 
 
 # ---- pseudo labels --------------------------------------------------------------------------------------

@@ -27,13 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from metacorrect.checks import field_problems, one_of
 from metacorrect.config import MethodConfig
 from metacorrect.methods.base import Batch, Method
-from metacorrect.methods.metagrad import exact_mixed_grads, lower_jvp
+from metacorrect.methods.metagrad import MODES, exact_mixed_grads, lower_jvp
 from metacorrect.methods.reweight import (Rows, WeightTable, current_state, mean_clean_gradient,
                                           normalised_weights, rows_of)
 
-MODES = ("fast", "exact")
 
 
 @dataclass
@@ -42,9 +42,7 @@ class L2RWConfig(MethodConfig):
     meta_grad: str = "fast"  # fast (JVP of the per-sample losses) | exact (double backward, the reference)
 
     def validate(self) -> list[str]:
-        if self.meta_grad not in MODES:
-            return [f"method.meta_grad: expected one of {', '.join(MODES)}, got '{self.meta_grad}'"]
-        return []
+        return field_problems("method", self, {"meta_grad": one_of(MODES)})
 
 
 def per_sample_scores(model, params, buffers, x: Tensor, labels: Tensor, direction: dict[str, Tensor],

@@ -35,29 +35,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from metacorrect.checks import AT_LEAST_ONE, COUNT, NON_NEGATIVE, POSITIVE, UNIT_CLOSED, field_problems, one_of
 from metacorrect.config import MethodConfig
 from metacorrect.methods.base import Batch, Method
-from metacorrect.methods.metagrad import MetaGradEngine, frozen_running_stats, lower_loss
-
-MODES = ("fast", "exact")
+from metacorrect.methods.metagrad import MODES, MetaGradEngine, frozen_running_stats, lower_loss
 
 
 # ---- pieces shared with EMLC --------------------------------------------------------------------------
 def meta_problems(cfg: Any) -> list[str]:
     """One line per problem of the fields every meta method here has (k, meta_grad, meta_lr, ...)."""
-    problems = []
-    if not isinstance(cfg.k, int) or cfg.k < 1:
-        problems.append(f"method.k: must be >= 1, got {cfg.k}")
-    if cfg.meta_grad not in MODES:
-        problems.append(f"method.meta_grad: expected one of {', '.join(MODES)}, got '{cfg.meta_grad}'")
-    if not cfg.meta_lr > 0:
-        problems.append(f"method.meta_lr: must be > 0, got {cfg.meta_lr}")
-    if cfg.meta_weight_decay < 0:
-        problems.append(f"method.meta_weight_decay: must be >= 0, got {cfg.meta_weight_decay}")
-    for name in ("embed_dim", "hidden_dim"):
-        if getattr(cfg, name) < 1:
-            problems.append(f"method.{name}: must be >= 1, got {getattr(cfg, name)}")
-    return problems
+    return field_problems("method", cfg, {"k": COUNT, "meta_grad": one_of(MODES), "meta_lr": POSITIVE,
+                                          "meta_weight_decay": NON_NEGATIVE, "embed_dim": AT_LEAST_ONE,
+                                          "hidden_dim": AT_LEAST_ONE})
 
 
 def split_clean(clean: Batch, mix: bool) -> tuple[Batch, Batch | None]:
@@ -118,11 +107,8 @@ class MLCConfig(MethodConfig):
                                               "optim.lr": {"loguniform": [0.005, 0.2]}}
 
     def validate(self) -> list[str]:
-        problems = meta_problems(self)
-        if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
-            problems.append(f"method.alpha: must be in [0, 1] (or null for a learned per-sample gate), "
-                            f"got {self.alpha}")
-        return problems
+        return meta_problems(self) + field_problems(
+            "method", self, {"alpha": UNIT_CLOSED.or_null("a learned per-sample gate")})
 
 
 class LCN(nn.Module):

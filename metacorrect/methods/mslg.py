@@ -32,12 +32,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from metacorrect.checks import NON_NEGATIVE, POSITIVE, field_problems, one_of
 from metacorrect.config import MethodConfig
 from metacorrect.methods.base import Batch, Method
 from metacorrect.methods.label_table import LabelTable, onehot_logits
 from metacorrect.methods.lookahead import labels_first_meta_grad
-from metacorrect.methods.metagrad import lower_loss
-from metacorrect.methods.mlc import MODES
+from metacorrect.methods.metagrad import MODES, lower_loss
 
 LABEL_TABLE_FILE = "label_table.parquet"
 
@@ -58,20 +58,9 @@ class MSLGConfig(MethodConfig):
                                               "method.warmup_epochs": {"choice": [0, 1, 2, 5]}}
 
     def validate(self) -> list[str]:
-        problems = []
-        if not self.K > 0:
-            problems.append(f"method.K: must be > 0, got {self.K}")
-        if not self.label_lr > 0:
-            problems.append(f"method.label_lr: must be > 0, got {self.label_lr}")
-        if self.lookahead_lr is not None and not self.lookahead_lr > 0:
-            problems.append(f"method.lookahead_lr: must be > 0 or null (the real step), got {self.lookahead_lr}")
-        if self.gamma < 0:
-            problems.append(f"method.gamma: must be >= 0, got {self.gamma}")
-        if self.warmup_epochs < 0:
-            problems.append(f"method.warmup_epochs: must be >= 0, got {self.warmup_epochs}")
-        if self.meta_grad not in MODES:
-            problems.append(f"method.meta_grad: expected one of {', '.join(MODES)}, got '{self.meta_grad}'")
-        return problems
+        return field_problems("method", self, {
+            "K": POSITIVE, "label_lr": POSITIVE, "lookahead_lr": POSITIVE.or_null("the real step"),
+            "gamma": NON_NEGATIVE, "warmup_epochs": NON_NEGATIVE, "meta_grad": one_of(MODES)})
 
 
 class MSLG(Method):

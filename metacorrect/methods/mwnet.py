@@ -31,12 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from metacorrect.checks import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, field_problems, one_of
 from metacorrect.config import MethodConfig
 from metacorrect.methods.base import Batch, Method
-from metacorrect.methods.metagrad import exact_mixed_grads, frozen_running_stats, lower_jvp, virtual_step
+from metacorrect.methods.metagrad import MODES, exact_mixed_grads, frozen_running_stats, lower_jvp, virtual_step
 from metacorrect.methods.reweight import Rows, current_state, mean_clean_gradient, mean_gradient, rows_of
 
-MODES = ("fast", "exact")
 
 
 @dataclass
@@ -49,16 +49,8 @@ class MWNetConfig(MethodConfig):
     normalise: bool = False  # weights to sum 1 over the batch (WRN script); MW-Net.py does not
 
     def validate(self) -> list[str]:
-        problems = []
-        if self.meta_grad not in MODES:
-            problems.append(f"method.meta_grad: expected one of {', '.join(MODES)}, got '{self.meta_grad}'")
-        if not self.meta_lr > 0:
-            problems.append(f"method.meta_lr: must be > 0, got {self.meta_lr}")
-        if self.meta_weight_decay < 0:
-            problems.append(f"method.meta_weight_decay: must be >= 0, got {self.meta_weight_decay}")
-        if self.hidden_dim < 1:
-            problems.append(f"method.hidden_dim: must be >= 1, got {self.hidden_dim}")
-        return problems
+        return field_problems("method", self, {"meta_grad": one_of(MODES), "meta_lr": POSITIVE,
+                                               "meta_weight_decay": NON_NEGATIVE, "hidden_dim": AT_LEAST_ONE})
 
 
 class VNet(nn.Module):

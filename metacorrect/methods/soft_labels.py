@@ -34,12 +34,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from metacorrect.checks import POSITIVE, UNIT_CLOSED, UNIT_OPEN, field_problems, one_of
 from metacorrect.config import MethodConfig
 from metacorrect.methods.base import Batch, Method
 from metacorrect.methods.label_table import LabelTable, mass_logits
 from metacorrect.methods.lookahead import labels_first_meta_grad
-from metacorrect.methods.metagrad import lower_loss
-from metacorrect.methods.mlc import MODES
+from metacorrect.methods.metagrad import MODES, lower_loss
 from metacorrect.methods.mslg import LABEL_TABLE_FILE
 
 SOFT_LABEL_MODES = ("class", "instance")
@@ -60,18 +60,9 @@ class SoftLabelsConfig(MethodConfig):
                                               "method.label_lr": {"loguniform": [25.0, 10000.0]}}
 
     def validate(self) -> list[str]:
-        problems = []
-        if self.mode not in SOFT_LABEL_MODES:
-            problems.append(f"method.mode: expected one of {', '.join(SOFT_LABEL_MODES)}, got '{self.mode}'")
-        if not self.label_lr > 0:
-            problems.append(f"method.label_lr: must be > 0, got {self.label_lr}")
-        if not 0.0 <= self.alpha_init <= 1.0:
-            problems.append(f"method.alpha_init: must be in [0, 1], got {self.alpha_init}")
-        if not 0.0 < self.p0 < 1.0:
-            problems.append(f"method.p0: must be in (0, 1), got {self.p0}")
-        if self.meta_grad not in MODES:
-            problems.append(f"method.meta_grad: expected one of {', '.join(MODES)}, got '{self.meta_grad}'")
-        return problems
+        return field_problems("method", self, {
+            "mode": one_of(SOFT_LABEL_MODES), "label_lr": POSITIVE, "alpha_init": UNIT_CLOSED, "p0": UNIT_OPEN,
+            "meta_grad": one_of(MODES)})
 
 
 def smoothed_targets(alpha: Tensor, labels: Tensor, num_classes: int) -> Tensor:

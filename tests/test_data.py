@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from metacorrect.datasets.inspect import inspect_dataset
 from metacorrect.datasets.prepare import prepare
 from metacorrect.datasets.shards import ShardWriter, atomic_directory, read_split_table
 from metacorrect.datasets.splits import split_pool
+from procs import kill_when
 
 ROOT = Path(__file__).resolve().parents[1]
 N_DIGITS = 1797
@@ -290,25 +290,10 @@ def test_killed_prepare_leaves_no_dataset(tmp_path: Path) -> None:
     proc = subprocess.Popen(cmd + ["data", "prepare", "synthetic", "--out", str(out), "--option", "n=12000",
                                    "--option", "image_size=32", "--quiet"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.time() + 25
-        writing = False
-        while time.time() < deadline and proc.poll() is None:
-            if list(tmp_path.glob(".tmp-big-*/*/part-*.parquet")):
-                writing = True
-                break
-            time.sleep(0.02)
-        if proc.poll() is not None:  # finished (very fast machine): it must then be complete
-            assert proc.returncode == 0, proc.stderr.read()
-            assert read_meta(out).counts["noisy_train"] > 0
-            return
-        assert writing, "prepare never started writing shards"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    if not kill_when(proc, lambda: bool(list(tmp_path.glob(".tmp-big-*/*/part-*.parquet"))), timeout=25):
+        assert proc.returncode == 0, f"prepare failed or never started writing shards: {proc.stderr.read()}"
+        assert read_meta(out).counts["noisy_train"] > 0  # finished (very fast machine): then it is complete
+        return
     assert proc.returncode == -signal.SIGKILL
     assert not out.exists()
     with pytest.raises(DataError):

@@ -6,10 +6,8 @@ from __future__ import annotations
 import io
 import os
 import pickle
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +20,7 @@ from metacorrect.datasets.contract import SPLITS, DataError, read_meta
 from metacorrect.datasets.presets import mlc_flip_map, resolve_preset
 from metacorrect.datasets.prepare import prepare
 from metacorrect.datasets.shards import read_split_table
+from procs import kill_when
 
 ROOT = Path(__file__).resolve().parents[1]
 CLOTHING_CLASSES = 14
@@ -370,17 +369,8 @@ def test_killed_ray_prepare_resumes_to_the_same_shards(tmp_path: Path, ray_clust
               "shard_bytes=1, progress=False, limit=400, workers=1)")
     proc = subprocess.Popen([sys.executable, "-c", script], env=env, stderr=subprocess.PIPE)
     work = tmp_path / ".work-resumed"
-    try:
-        deadline = time.time() + 60
-        while time.time() < deadline and proc.poll() is None and len(list(work.glob("*/part-*.parquet"))) < 3:
-            time.sleep(0.01)
-        assert proc.poll() is None, f"prepare ended before it could be killed: {proc.stderr.read()[-2000:]}"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    killed = kill_when(proc, lambda: len(list(work.glob("*/part-*.parquet"))) >= 3, timeout=60)
+    assert killed, f"prepare ended before it could be killed: {proc.stderr.read()[-2000:]}"
     done = len(list(work.glob("*/part-*.parquet")))
     total = sum(1 for _ in range(0, 400, 16)) + 3  # noisy_train shards + one shard per clean split
     assert 3 <= done < total and not out.exists()

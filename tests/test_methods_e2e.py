@@ -1,4 +1,4 @@
-"""MLC and EMLC end to end on Ray Train: 60% symmetric noise on digits, 10 clean images per class."""
+"""MLC and EMLC end to end (trainer, Ray Data, MLflow): 60% symmetric noise on digits, 10 clean images per class."""
 from __future__ import annotations
 
 
@@ -16,16 +16,20 @@ def runs(ray_cluster, digits_noisy, workdir, tracking_uri):
     from metacorrect.config import ExperimentConfig
     from metacorrect.platform.trainer import run
 
-    # One worker with a fixed block order: the comparison repeats exactly (2 workers deal blocks dynamically).
+    # The train loop in the driver (resources.num_workers=0: the same loop, data path and MLflow logging as a
+    # Ray Train worker, 3x faster here; 2-worker training is covered by test_platform) with a fixed block order,
+    # so the comparison repeats exactly. One Ray Train worker gives the same scores.
     common = [f"data.path={digits_noisy}", f"train.epochs={EPOCHS}", f"tracking.uri={tracking_uri}",
               f"tracking.storage_path={workdir / 'runs'}", "tracking.experiment=tests-meta",
-              "resources.num_workers=1", "data.deterministic=true"]
+              "resources.num_workers=0", "data.deterministic=true"]
     results = {}
     for method in ("erm", "clean_only", "mlc", "emlc"):
         config = "configs/digits_demo.yaml" if method in ("erm", "clean_only") else f"configs/digits_{method}.yaml"
         cfg = ExperimentConfig.from_yaml(config, common + [f"method.name={method}"] if method == "clean_only"
                                          else common)
         results[method] = run(cfg, progress=False)
+    print("\ntest@best val:", {m: round(r.metrics["test_at_best_val"], 3) for m, r in results.items()},
+          "corrected:", {m: round(r.metrics.get("corrected_accuracy", 0), 3) for m, r in results.items()})
     return results
 
 

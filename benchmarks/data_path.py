@@ -41,7 +41,7 @@ from metacorrect.datasets.contract import read_meta, split_files  # noqa: E402
 from metacorrect.datasets.prepare import prepare  # noqa: E402
 from metacorrect.datasets.stream import augment_images, open_split, to_model_input  # noqa: E402
 from metacorrect.methods.backbones import build_backbone  # noqa: E402
-from metacorrect.platform.memory import PeakRSS, descendants, pss_bytes, rss_bytes  # noqa: E402
+from metacorrect.platform.memory import PeakRSS, descendants, pss_bytes  # noqa: E402
 
 
 class ParquetBatches(torch.utils.data.IterableDataset):

@@ -12,12 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from metacorrect.config import ExperimentConfig
-from metacorrect.methods import METHODS, Batch
-from metacorrect.methods.backbones import build_backbone
+from metacorrect.methods import Batch
 from metacorrect.methods.label_table import LabelTable, mass_logits, onehot_logits
 from metacorrect.platform.collective import Collective
 from gloo import run_two_ranks
+from students import make_method, restore
 
 C, SIDE, WIDTH, N = 10, 8, 4, 64
 VARIANTS = {  # name -> method fields; warm-up off so every step learns labels
@@ -30,13 +29,8 @@ VARIANTS = {  # name -> method fields; warm-up off so every step learns labels
 
 
 def make(variant: str, arch: str = "small_cnn", seed: int = 0, num_noisy: int = N, collective=None, **extra):
-    fields = VARIANTS[variant] | extra
-    cfg = ExperimentConfig.from_dict({"method": fields, "model": {"arch": arch, "width": WIDTH}})
-    torch.manual_seed(seed)
-    model = build_backbone(arch, C, (SIDE, SIDE, 1), WIDTH)
-    model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    return METHODS[fields["name"]](cfg, model, opt, C, num_noisy, collective or Collective())
+    return make_method(VARIANTS[variant] | extra, classes=C, side=SIDE, width=WIDTH, num_noisy=num_noisy, arch=arch,
+                       seed=seed, collective=collective)
 
 
 def data(seed: int, steps: int, n: int = 16, m: int = 8):
@@ -121,15 +115,7 @@ def test_resume_restores_the_table_bit_exactly(float64_one_thread):
     first = make("mslg")
     for s in steps[:3]:
         first.step(*s)
-    state = {"method": first.state_dict(), "model": first.model.state_dict(), "opt": first.optimizer.state_dict()}
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    buf.seek(0)
-    state = torch.load(buf, weights_only=False)
-    resumed = make("mslg", seed=99)  # different init: everything must come from the checkpoint
-    resumed.model.load_state_dict(state["model"])
-    resumed.optimizer.load_state_dict(state["opt"])
-    resumed.load_state_dict(state["method"])
+    resumed = restore(first, make("mslg", seed=99))  # different init: everything must come from the checkpoint
     assert torch.equal(resumed.table.values, first.table.values)
     for s in steps[3:]:
         resumed.step(*s)

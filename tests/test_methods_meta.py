@@ -3,7 +3,6 @@ distributions, fast == exact, k-step cadence, exact resume, stand-in batches, co
 small learning check on digits against ERM."""
 from __future__ import annotations
 
-import copy
 
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ from metacorrect.methods import METHODS, Batch
 from metacorrect.methods.backbones import build_backbone
 from metacorrect.platform.collective import Collective
 from gloo import run_two_ranks
+from students import make_method, restore
 
 C, SIDE, WIDTH = 10, 8, 4
 META_METHODS = ("mlc", "emlc")
@@ -22,13 +22,7 @@ META_METHODS = ("mlc", "emlc")
 
 def make(name: str, seed: int = 0, **method):
     """A tiny small_cnn student + SGD (momentum, wd) + the method on one worker."""
-    cfg = ExperimentConfig.from_dict({"method": {"name": name, **method},
-                                      "model": {"arch": "small_cnn", "width": WIDTH}})
-    torch.manual_seed(seed)
-    model = build_backbone("small_cnn", C, (SIDE, SIDE, 1), WIDTH)
-    model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    return METHODS[name](cfg, model, opt, C, 1000, Collective())
+    return make_method({"name": name, **method}, classes=C, side=SIDE, width=WIDTH, num_noisy=1000, seed=seed)
 
 
 def batches(seed: int, steps: int, n: int = 16, m: int = 8, noisy_weight: float | None = None):
@@ -128,12 +122,7 @@ def test_resume_from_state_dict_is_exact(name, k, float64_one_thread):
     data = batches(5, 4)
     a = make(name, k=k)
     run(a, data[:3])  # k=2/3: the checkpoint falls between meta steps (snapshots / γ-accumulation pending)
-    state = copy.deepcopy({"model": a.model.state_dict(), "optimizer": a.optimizer.state_dict(),
-                           "method": a.state_dict()})
-    b = make(name, seed=99, k=k)  # different initial weights: everything must come from the checkpoint
-    b.model.load_state_dict(state["model"])
-    b.optimizer.load_state_dict(state["optimizer"])
-    b.load_state_dict(state["method"])
+    b = restore(a, make(name, seed=99, k=k))  # different initial weights: everything must come from the checkpoint
     for m in (a, b):
         torch.manual_seed(7)
         m.step(*data[3])
@@ -253,14 +242,10 @@ def digits(seed: int = 0, rho: float = 0.6, per_class: int = 10):
 
 def train_digits(name: str, steps: int = 300, seed: int = 0, width: int = 16, **method) -> float:
     xn, yn, xc, yc, xt, yt = digits()
-    cfg = ExperimentConfig.from_dict({"method": {"name": name, **method},
-                                      "model": {"arch": "small_cnn", "width": width}})
-    torch.manual_seed(seed)
-    model = build_backbone("small_cnn", C, (SIDE, SIDE, 1), width)
-    model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    method = METHODS[name](cfg, model, opt, C, len(yn), Collective())
+    method = make_method({"name": name, **method}, classes=C, side=SIDE, width=width, num_noisy=len(yn), seed=seed,
+                         lr=0.05)
+    model = method.model
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(method.optimizer, steps)
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         i = torch.randint(0, len(yn), (64,), generator=g)

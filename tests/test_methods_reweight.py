@@ -11,12 +11,12 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from metacorrect.config import ExperimentConfig
-from metacorrect.methods import METHODS, Batch
+from metacorrect.methods import Batch
 from metacorrect.methods import metagrad as mg
-from metacorrect.methods.backbones import build_backbone
 from metacorrect.methods.ieg import logit_norm, pseudo_labels, sharpen
 from metacorrect.platform.collective import Collective
 from gloo import run_two_ranks
+from students import make_method, restore
 
 C, SIDE, WIDTH = 10, 8, 4
 NAMES = ("ieg", "mwnet", "l2rw")
@@ -24,12 +24,8 @@ NAMES = ("ieg", "mwnet", "l2rw")
 
 def make(name: str, seed: int = 0, arch: str = "small_cnn", collective=None, **method):
     """A tiny student (BatchNorm in small_cnn) + SGD (momentum, wd) + the method on one worker."""
-    cfg = ExperimentConfig.from_dict({"method": {"name": name, **method}, "model": {"arch": arch, "width": WIDTH}})
-    torch.manual_seed(seed)
-    model = build_backbone(arch, C, (SIDE, SIDE, 1), WIDTH)
-    model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-3)
-    return METHODS[name](cfg, model, opt, C, 100, collective or Collective())
+    return make_method({"name": name, **method}, classes=C, side=SIDE, width=WIDTH, num_noisy=100, arch=arch,
+                       seed=seed, weight_decay=5e-3, collective=collective)
 
 
 def batch(seed: int, n: int, weight: float | None = None, views: int = 0) -> Batch:
@@ -209,12 +205,7 @@ def test_ieg_resume_from_state_dict_is_exact(float64_one_thread):
     for i, (noisy, clean) in enumerate(data[:2]):
         torch.manual_seed(i)
         a.step(noisy, clean)
-    state = copy.deepcopy({"model": a.model.state_dict(), "optimizer": a.optimizer.state_dict(),
-                           "method": a.state_dict()})
-    b = make("ieg", seed=99)
-    b.model.load_state_dict(state["model"])
-    b.optimizer.load_state_dict(state["optimizer"])
-    b.load_state_dict(state["method"])
+    b = restore(a, make("ieg", seed=99))
     for m in (a, b):
         torch.manual_seed(7)
         m.step(*data[2])

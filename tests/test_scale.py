@@ -8,14 +8,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import ray
 
 from metacorrect.datasets.contract import read_meta
 from metacorrect.datasets.prepare import prepare
 from metacorrect.datasets.stream import open_split
-from metacorrect.platform.memory import PeakRSS
+from metacorrect.platform.memory import PeakRSS, consume_shard
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -27,21 +26,10 @@ BOUND_MB = 100  # growth allowed to any one process: well below the data set
 
 @ray.remote(num_cpus=0.5)
 class Consumer:
-    """A training worker's side of the stream: iterate its shard as torch batches, watch its own memory."""
+    """A training worker's side of the stream."""
 
     def consume(self, shard, batch_size: int) -> dict[str, float]:
-        rows, ids, rss = 0, [], None
-        batches = shard.iter_torch_batches(batch_size=batch_size, device="cpu")
-        # Memory is measured from the 20th batch on: torch's import and the iterator's set-up are a fixed cost,
-        # what must not happen is growth with the rows streamed after that (~80k per worker here).
-        for step, batch in enumerate(batches):
-            if step == 20:
-                rss = PeakRSS().__enter__()
-            rows += len(batch["id"])
-            ids.append(batch["id"].numpy())
-        rss.__exit__(None, None, None)
-        return {"rows": rows, "id_sum": float(np.concatenate(ids).sum()), "growth_mb": rss.growth_mb,
-                "peak_mb": rss.peak_mb}
+        return consume_shard(shard, batch_size)
 
 
 @pytest.mark.slow

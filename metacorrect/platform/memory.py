@@ -5,6 +5,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -85,3 +86,28 @@ class PeakRSS:
     @property
     def peak_mb(self) -> float:
         return self.peak / 2**20
+
+
+def consume_shard(shard, batch_size: int, settle_batches: int = 20, trace_every: int = 0) -> dict[str, Any]:
+    """Iterate a Ray Data shard as a training worker does (torch batches) and watch this process's memory.
+
+    Growth is measured from batch `settle_batches` on: torch's import and the iterator's set-up are a fixed
+    cost; what must not happen is growth with the rows streamed after that. Returns rows, the sum of the ids
+    (to check every row arrived once), growth and peak RSS in MiB, seconds, and with `trace_every` the
+    (rows, RSS MiB) seen every that many batches (to tell a plateau from growth with the rows)."""
+    import numpy as np
+
+    rows, id_sum, rss, trace = 0, 0.0, None, []
+    started = time.perf_counter()
+    for step, batch in enumerate(shard.iter_torch_batches(batch_size=batch_size, device="cpu")):
+        if step == settle_batches:
+            rss = PeakRSS().__enter__()
+        if trace_every and step % trace_every == 0:
+            trace.append((rows, rss_bytes() / 2**20))
+        rows += len(batch["id"])
+        id_sum += float(np.asarray(batch["id"]).sum())
+    if rss is None:
+        rss = PeakRSS().__enter__()
+    rss.__exit__(None, None, None)
+    return {"rows": rows, "id_sum": id_sum, "growth_mb": rss.growth_mb, "peak_mb": rss.peak_mb,
+            "seconds": time.perf_counter() - started, "trace": trace}

@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 ENV = "RAY_DATA_LOGGING_CONFIG"
+PROGRESS_LOGGER = "ray.data._internal.progress"
 
 
 def ray_data_console_config() -> str:
@@ -22,6 +23,8 @@ def ray_data_console_config() -> str:
 
     config = copy.deepcopy(DEFAULT_CONFIG)
     config["handlers"]["console"]["level"] = "WARNING"
+    # We turn Ray Data's bars off on purpose (one line per epoch is ours); its notice saying so is noise.
+    config["loggers"][PROGRESS_LOGGER] = {"level": "ERROR"}
     path = Path(tempfile.gettempdir()) / f"metacorrect-ray-data-logging-{os.getuid()}.yaml"
     path.write_text(yaml.safe_dump(config))
     return str(path)
@@ -32,6 +35,7 @@ def quiet_this_process() -> None:
     from ray.train.v2._internal.execution import context
 
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    logging.getLogger(PROGRESS_LOGGER).setLevel(logging.ERROR)
     for handler in logging.getLogger("ray.data").handlers:
         if not hasattr(handler, "baseFilename") and type(handler).__name__ != "SessionFileHandler":
             handler.setLevel(logging.WARNING)

@@ -108,6 +108,14 @@ def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     client(uri).set_terminated(run_id, status=status)
 
 
+def end_run_if_running(uri: str, run_id: str, status: str) -> None:
+    """Close the run unless someone already did: a sweep trial stopped by its scheduler is closed FINISHED by
+    the sweep driver, and the trial's own failure path, which can run seconds later, must not undo that."""
+    c = client(uri)
+    if c.get_run(run_id).info.status == "RUNNING":
+        c.set_terminated(run_id, status=status)
+
+
 def _param_value(v: Any) -> str:
     text = json.dumps(v) if isinstance(v, (list, dict)) else str(v)
     return text[:6000]

@@ -139,7 +139,7 @@ def fit_tracked(trainer: TorchTrainer, uri: str, run_id: str, name: str, run_dir
     try:
         return trainer.fit()
     except Exception as e:
-        tracking.end_run(uri, run_id, "FAILED")
+        tracking.end_run_if_running(uri, run_id, "FAILED")
         cause = getattr(e, "__cause__", None) or e
         raise RunFailed(f"run {name} failed: {str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__}"
                         f" (MLflow run {run_id}, Ray Train logs under {run_dir})") from e

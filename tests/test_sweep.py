@@ -96,6 +96,22 @@ def test_invalid_space_fails_before_any_trial_with_one_line_per_problem(tmp_path
 
 
 # ---- real sweeps ------------------------------------------------------------------------------------------
+def test_trial_id_comes_from_tune_not_from_a_suffixed_directory(tmp_path):
+    """A trial re-created on resume gets `trial-ID_1a2b` as its directory when the killed driver had already
+    made `trial-ID`; the table and the MLflow child run must still agree on `ID`."""
+    from ray.tune import Result
+
+    from metacorrect.tuning.sweep import _trial_id
+
+    suffixed = str(tmp_path / "trial-7b4f8_00002_a462")
+    assert _trial_id(Result(metrics={"trial_id": "7b4f8_00002", "epoch": 1}, checkpoint=None, error=None,
+                            path=suffixed)) == "7b4f8_00002"
+    # a trial that died before its first report has no metrics: the suffix is recognised in the name
+    assert _trial_id(Result(metrics={}, checkpoint=None, error=None, path=suffixed)) == "7b4f8_00002"
+    assert _trial_id(Result(metrics={}, checkpoint=None, error=None,
+                            path=str(tmp_path / "trial-7b4f8_00001"))) == "7b4f8_00001"
+
+
 @pytest.mark.slow
 def test_sweep_of_4_trials_with_asha_tracks_nested_runs_and_best_config_runs(
         ray_cluster, digits_noisy, workdir, tracking_uri, tmp_path):

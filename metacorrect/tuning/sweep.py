@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -263,7 +264,7 @@ def _collect(grid, base: ExperimentConfig, space: dict[str, Any], options: Sweep
     metric, mode = options.metric, options.resolved_mode
     rows, curves = [], {}
     for result in grid:
-        trial_id = Path(result.path).name.removeprefix("trial-")
+        trial_id = _trial_id(result)
         run_dir = sweep_dir / TRIAL_RUNS / trial_run_name(trial_id)
         history = _history(result)
         status = "error" if result.error else ("finished" if history and history[-1].get("epoch", 0)
@@ -306,6 +307,16 @@ def _recorded_history(run_dir: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     return [{k: _plain(v) for k, v in row.items()} for row in json.loads(path.read_text()).get("history") or []]
+
+
+def _trial_id(result) -> str:
+    """Tune's id of the trial behind `result`. Its directory name is not reliable: a trial re-created on resume
+    whose directory the killed driver had already made gets Tune's 4-hex-digit suffix (`trial-ID_1a2b`)."""
+    reported = (result.metrics or {}).get("trial_id")
+    if reported:
+        return str(reported)
+    name = Path(result.path).name.removeprefix("trial-")
+    return re.sub(r"_[0-9a-f]{4}$", "", name) if re.fullmatch(r".+_\d{5}_[0-9a-f]{4}", name) else name
 
 
 def _history(result) -> list[dict[str, Any]]:

@@ -162,7 +162,9 @@ def run_path(name: str, args: argparse.Namespace) -> dict[str, float]:
     mean, std = torch.tensor(meta.pixel_mean), torch.tensor(meta.pixel_std)
     common = dict(directory=directory, workers=args.workers, batch_size=args.batch_size, augment=args.augment,
                   mean=mean, std=std)
-    measure(make, max_steps=3, **common)  # warm-up: imports, worker processes, page cache
+    # Warm-up, a whole pass: imports, worker processes, page cache. (A pass cut short leaves Ray's worker
+    # pool half started, and the measured pass would pay for the rest.)
+    measure(make, **common)
     result = measure(make, **common)
     model = build_backbone("small_cnn", meta.num_classes, meta.image_shape, width=16)
     result["train_wait"] = measure(make, model=model, max_steps=args.train_steps, **common)["wait"]

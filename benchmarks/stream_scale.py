@@ -3,7 +3,8 @@
 Opens the noisy split of a prepared data set as the trainer does (`open_split`, shuffled row groups,
 `streaming_split` into one shard per worker) and has 2 Ray actors iterate their shards as torch batches.
 Printed: rows per worker, seconds, the RSS growth and peak of each worker (from its 20th batch on) and of
-the driver, the object store's peak use, and the decoded size of the split for scale. The point is that
+the driver, each worker's private-memory (RssAnon) growth (RSS also counts the pages of Ray's shared object
+store that a worker reads blocks from), the object store's peak use, and the decoded size of the split for scale. The point is that
 none of these grows with N: the stream holds a bounded number of blocks, never the epoch.
 
     python benchmarks/stream_scale.py --data /tmp/syn1m     # made by benchmarks/prepare_scale.py
@@ -72,13 +73,14 @@ def main() -> None:
     print(f"\n{rows} noisy images {'x'.join(map(str, meta.image_shape))} {meta.encoding}, "
           f"{decoded_bytes(meta, 'noisy_train') / 2**20:.0f} MiB decoded; {args.workers} workers, "
           f"batch {args.batch_size}; {seconds:.0f} s ({rows / seconds:.0f} images/s)\n")
-    print("| process | rows | RSS growth MiB (after batch 20) | peak RSS MiB |")
-    print("|---|---|---|---|")
+    print("| process | rows | RSS growth MiB (after batch 20) | private (RssAnon) growth MiB | peak RSS MiB |")
+    print("|---|---|---|---|---|")
     for i, r in enumerate(results):
-        print(f"| worker {i} | {r['rows']} | {r['growth_mb']:.0f} | {r['peak_mb']:.0f} |")
-    print(f"| driver | - | {driver.growth_mb:.0f} | {driver.peak_mb:.0f} |")
+        print(f"| worker {i} | {r['rows']} | {r['growth_mb']:.0f} | {r['private_growth_mb']:.0f} | {r['peak_mb']:.0f} |")
+    print(f"| driver | - | {driver.growth_mb:.0f} | - | {driver.peak_mb:.0f} |")
     for i, r in enumerate(results):
-        print(f"worker {i} RSS MiB by rows streamed: " + ", ".join(f"{n // 1000}k {mb:.0f}" for n, mb in r["trace"]))
+        print(f"worker {i} MiB by rows streamed (RSS / private): "
+              + ", ".join(f"{n // 1000}k {mb:.0f}/{anon:.0f}" for n, mb, anon in r["trace"]))
     print(f"\nobject store in use: peak {max(store, default=0) / 2**20:.0f} MiB "
           f"(of {ray.cluster_resources().get('object_store_memory', 0) / 2**30:.1f} GiB)")
     ray.shutdown()

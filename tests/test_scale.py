@@ -56,7 +56,9 @@ def test_200k_prepare_and_streamed_epoch_stay_bounded(tmp_path: Path, ray_cluste
     assert driver_stream.growth_mb < BOUND_MB, driver_stream.growth_mb
     for r in results:
         assert r["growth_mb"] < BOUND_MB, results
+        assert r["private_growth_mb"] < BOUND_MB, results
     print(f"\n200k: driver +{driver_prepare.growth_mb:.0f} MiB (prepare), +{driver_stream.growth_mb:.0f} MiB "
           f"(stream); workers +{results[0]['growth_mb']:.0f} / +{results[1]['growth_mb']:.0f} MiB after batch 20 "
-          f"(peak {results[0]['peak_mb']:.0f} / {results[1]['peak_mb']:.0f} MiB); "
+          f"(peak {results[0]['peak_mb']:.0f} / {results[1]['peak_mb']:.0f} MiB; private +"
+          f"{results[0]['private_growth_mb']:.0f} / +{results[1]['private_growth_mb']:.0f} MiB); "
           f"data {DATA_MB:.0f} MiB")

@@ -20,33 +20,43 @@ STRONG_AUGMENTS = ("randaugment", "affine")  # views for methods that ask for th
 COLUMNS = ("id", "image", "label", "true_label")
 
 
+# Decoded bytes one decode task should produce. Ray Data notices a finished task only on its next
+# scheduling round (up to 0.1 s later), during which that CPU idles; tasks of one 2,048-row group of
+# 64x64 images (0.3 s) lost ~15% of the stream that way, tasks of ~96 MiB (4 such groups) lose ~4%.
+TASK_BYTES = 96 * 2**20
+
+
 def open_split(directory: str | Path, split: str, meta: DatasetMeta, shuffle_files: bool = False,
                decode_concurrency: int | None = None):
     """A lazy Ray Dataset of one split with columns id, image (N,H,W,C uint8), label, true_label.
 
-    One Ray Data task per parquet row group reads that group's encoded rows and yields them decoded, in
-    blocks of ~1/32 of the split (at most 1024 rows) so that a split streamed to several workers is dealt
-    out evenly. Reading and decoding in the same task is what a DataLoader worker does; the earlier
-    `read_parquet -> repartition -> decode` plan paid a reader task per file, a re-blocking stage and a
-    second trip through the object store, and streamed at 0.68x a DataLoader where this one is at 0.94x
-    (benchmarks/data_path.py, 60k 64x64 JPEGs, 2 cores). `shuffle_files` deals the row groups in a new
-    random order every epoch. `decode_concurrency` caps the parallel decode tasks (default: as many as
-    the cluster's CPUs allow).
+    Each Ray Data task reads a few parquet row groups (~`TASK_BYTES` once decoded, at least 8 tasks a
+    split) and yields them decoded, in blocks of ~1/32 of the split (at most 1024 rows) so that a split
+    streamed to several workers is dealt out evenly. Reading and decoding in the same task is what a
+    DataLoader worker does (benchmarks/data_path.py compares the two). `shuffle_files` deals the row
+    groups in a new random order every epoch. `decode_concurrency` caps the parallel decode tasks
+    (default: as many as the cluster's CPUs allow).
     """
     import ray.data
 
     units = row_groups(split_files(directory, split))
-    block_rows = max(16, min(1024, meta.counts.get(split, 0) // 32))
+    rows = meta.counts.get(split, 0)
+    row_bytes = int(np.prod(meta.image_shape))
+    block_rows = max(16, min(1024, rows // 32))
+    unit_bytes = max(1, rows * row_bytes // max(1, len(units)))
+    units_per_task = max(1, min(round(TASK_BYTES / unit_bytes), len(units) // 8))
     ds = ray.data.from_items(units, override_num_blocks=max(1, len(units)))
+    # A task's yielded batches are coalesced into blocks up to the context's target size (this dataset's
+    # own context): one batch's pixels, so that each yielded batch of `block_rows` rows is one block.
+    # (A `repartition` stage instead holds a CPU slot of its own unless fused, which a capped decode
+    # concurrency prevents: on 2 CPUs the decode then ran one task at a time.)
+    ds.context.target_max_block_size = block_rows * row_bytes
     if shuffle_files:
         ds = ds.randomize_block_order()
-    ds = ds.map_batches(read_and_decode, batch_size=1, batch_format="numpy",
-                        compute=ray.data.TaskPoolStrategy(size=decode_concurrency),
-                        fn_kwargs={"encoding": meta.encoding, "shape": tuple(meta.image_shape),
-                                   "block_rows": block_rows})
-    # Ray Data coalesces a task's yielded batches into one block; this non-strict re-blocking is fused
-    # into the decode task and keeps its output in blocks of `block_rows`.
-    return ds.repartition(target_num_rows_per_block=block_rows)
+    return ds.map_batches(read_and_decode, batch_size=units_per_task, batch_format="numpy",
+                          compute=ray.data.TaskPoolStrategy(size=decode_concurrency),
+                          fn_kwargs={"encoding": meta.encoding, "shape": tuple(meta.image_shape),
+                                     "block_rows": block_rows})
 
 
 def row_groups(files: list[str]) -> list[dict[str, Any]]:

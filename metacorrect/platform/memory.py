@@ -19,6 +19,20 @@ def rss_bytes(pid: int | None = None) -> int:
         return 0
 
 
+def private_bytes(pid: int | None = None) -> int:
+    """Resident anonymous memory of a process (RssAnon): its own heap, without the file and shared pages
+    that RSS also counts (Ray's object store is a shared mapping: a consumer reading its blocks in place
+    shows them in RSS although they are the store's). 0 if gone."""
+    try:
+        with open(f"/proc/{pid or os.getpid()}/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except (FileNotFoundError, ProcessLookupError, ValueError):
+        pass
+    return 0
+
+
 def pss_bytes(pid: int | None = None) -> int:
     """Proportional set size: resident pages with each shared page split among the processes mapping it,
     so a sum over processes that share memory (Ray's object store) counts it once. 0 if gone."""
@@ -93,21 +107,26 @@ def consume_shard(shard, batch_size: int, settle_batches: int = 20, trace_every:
 
     Growth is measured from batch `settle_batches` on: torch's import and the iterator's set-up are a fixed
     cost; what must not happen is growth with the rows streamed after that. Returns rows, the sum of the ids
-    (to check every row arrived once), growth and peak RSS in MiB, seconds, and with `trace_every` the
-    (rows, RSS MiB) seen every that many batches (to tell a plateau from growth with the rows)."""
+    (to check every row arrived once), growth and peak of RSS and growth of private memory (RssAnon) in MiB,
+    seconds, and with `trace_every` the (rows, RSS MiB, private MiB) seen every that many batches (to tell a
+    plateau from growth with the rows)."""
     import numpy as np
 
-    rows, id_sum, rss, trace = 0, 0.0, None, []
+    rows, id_sum, watches, trace = 0, 0.0, None, []
     started = time.perf_counter()
     for step, batch in enumerate(shard.iter_torch_batches(batch_size=batch_size, device="cpu")):
         if step == settle_batches:
-            rss = PeakRSS().__enter__()
+            watches = _watch_memory()
         if trace_every and step % trace_every == 0:
-            trace.append((rows, rss_bytes() / 2**20))
+            trace.append((rows, rss_bytes() / 2**20, private_bytes() / 2**20))
         rows += len(batch["id"])
         id_sum += float(np.asarray(batch["id"]).sum())
-    if rss is None:
-        rss = PeakRSS().__enter__()
+    rss, private = watches or _watch_memory()
     rss.__exit__(None, None, None)
+    private.__exit__(None, None, None)
     return {"rows": rows, "id_sum": id_sum, "growth_mb": rss.growth_mb, "peak_mb": rss.peak_mb,
-            "seconds": time.perf_counter() - started, "trace": trace}
+            "private_growth_mb": private.growth_mb, "seconds": time.perf_counter() - started, "trace": trace}
+
+
+def _watch_memory() -> tuple[PeakRSS, PeakRSS]:
+    return PeakRSS().__enter__(), PeakRSS(per_process=private_bytes).__enter__()

@@ -4,8 +4,9 @@ Opens the noisy split of a prepared data set as the trainer does (`open_split`, 
 `streaming_split` into one shard per worker) and has 2 Ray actors iterate their shards as torch batches.
 Printed: rows per worker, seconds, the RSS growth and peak of each worker (from its 20th batch on) and of
 the driver, each worker's private-memory (RssAnon) growth (RSS also counts the pages of Ray's shared object
-store that a worker reads blocks from), the object store's peak use, and the decoded size of the split for scale. The point is that
-none of these grows with N: the stream holds a bounded number of blocks, never the epoch.
+store that a worker reads blocks from), the object store's peak use, and the decoded size of the split for
+scale. The point is that none of these grows with N: the stream holds a bounded number of blocks, never the
+epoch.
 
     python benchmarks/stream_scale.py --data /tmp/syn1m     # made by benchmarks/prepare_scale.py
 """

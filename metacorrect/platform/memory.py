@@ -23,24 +23,22 @@ def private_bytes(pid: int | None = None) -> int:
     """Resident anonymous memory of a process (RssAnon): its own heap, without the file and shared pages
     that RSS also counts (Ray's object store is a shared mapping: a consumer reading its blocks in place
     shows them in RSS although they are the store's). 0 if gone."""
-    try:
-        with open(f"/proc/{pid or os.getpid()}/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-    except (FileNotFoundError, ProcessLookupError, ValueError):
-        pass
-    return 0
+    return _proc_kib(pid, "status", "RssAnon:") * 1024
 
 
 def pss_bytes(pid: int | None = None) -> int:
     """Proportional set size: resident pages with each shared page split among the processes mapping it,
     so a sum over processes that share memory (Ray's object store) counts it once. 0 if gone."""
+    return _proc_kib(pid, "smaps_rollup", "Pss:") * 1024
+
+
+def _proc_kib(pid: int | None, name: str, key: str) -> int:
+    """The `key: N kB` line of /proc/PID/NAME (0 if the process has gone or the line is missing)."""
     try:
-        with open(f"/proc/{pid or os.getpid()}/smaps_rollup") as f:
+        with open(f"/proc/{pid or os.getpid()}/{name}") as f:
             for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1]) * 1024
+                if line.startswith(key):
+                    return int(line.split()[1])
     except (FileNotFoundError, ProcessLookupError, PermissionError, ValueError):
         pass
     return 0

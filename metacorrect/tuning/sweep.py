@@ -316,7 +316,8 @@ def _trial_id(result) -> str:
     if reported:
         return str(reported)
     name = Path(result.path).name.removeprefix("trial-")
-    return re.sub(r"_[0-9a-f]{4}$", "", name) if re.fullmatch(r".+_\d{5}_[0-9a-f]{4}", name) else name
+    suffixed = re.fullmatch(r"(.+_\d{5})_[0-9a-f]{4}", name)
+    return suffixed.group(1) if suffixed else name
 
 
 def _history(result) -> list[dict[str, Any]]:

@@ -430,6 +430,37 @@ def test_small_shards_hold_the_same_rows(tmp_path: Path) -> None:
     assert inspect_dataset(many).count("noisy_train") >= 1
 
 
+def test_stream_decodes_grouped_row_groups_in_one_stage_and_blocks_of_block_rows(tmp_path: Path,
+                                                                                 ray_cluster) -> None:
+    """The decode stage is the only stage (a separate re-blocking stage held a CPU slot of its own and made the
+    decode run one task at a time); each task decodes several row groups; blocks hold `block_rows` rows."""
+    import math
+    import re
+
+    from metacorrect.datasets import stream
+
+    out = tmp_path / "syn"
+    meta = prepare("synthetic", out, options={"n": 40000, "num_classes": 4, "image_size": 4, "channels": 1},
+                   progress=False)
+    rows = meta.counts["noisy_train"]
+    units = stream.row_groups(split_files(out, "noisy_train"))
+    assert len(units) >= 16  # enough row groups for the "at least 8 tasks" rule to allow groups of 2+
+    block_rows = min(1024, rows // 32)
+    for concurrency in (None, 2):  # a capped concurrency is where a re-blocking stage stopped being fused
+        ds = stream.open_split(out, "noisy_train", meta, shuffle_files=True,
+                               decode_concurrency=concurrency).materialize()
+        stats = ds.stats()
+        assert "Repartition" not in stats, stats
+        tasks = int(re.search(r"MapBatches\(read_and_decode\): (\d+) tasks executed", stats).group(1))
+        assert tasks == math.ceil(len(units) / (len(units) // 8)), stats
+        sizes = [len(b["id"]) for b in ds.iter_batches(batch_size=None, batch_format="numpy")]
+        # Most blocks hold exactly `block_rows`; a row group's short tail may ride with the next group's first
+        # block (same task) or end the task on its own.
+        assert sum(sizes) == rows and int(np.median(sizes)) == block_rows and max(sizes) < 2 * block_rows, sizes
+        ids = np.concatenate([b["id"] for b in ds.iter_batches(batch_size=None, batch_format="numpy")])
+        np.testing.assert_array_equal(np.sort(ids), np.arange(rows))
+
+
 # ---------------------------------------------------------------- CLI
 def test_cli_data_prepare_and_inspect(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                       digits_dir: Path) -> None:

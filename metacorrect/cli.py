@@ -75,20 +75,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_sub = sub.add_parser(
         "submit", help="run a metacorrect command on a Ray cluster as a Ray job",
-        description="Submit `python -m metacorrect COMMAND ...` to a Ray cluster (ray job submit): the project "
-        "directory is the job's working_dir (without data/, runs/, mlruns/, .venv/, .git/), the project's pip "
-        "requirements are installed on top of the cluster's Python, and MLFLOW_TRACKING_URI (and --env) reach "
-        "every process. Exit status: the job's (0 = succeeded) with --follow, else 0 once submitted.",
+        description="Submit `python -m metacorrect COMMAND ...` to a Ray cluster (ray job submit).\n\n"
+        "The project directory is the job's working_dir (without data/, runs/, mlruns/, .venv/, .git/), the job\n"
+        "runs in the cluster's Python environment, and MLFLOW_TRACKING_URI (and --env) reach every process.\n"
+        "The working_dir is a temporary copy that Ray deletes: give tracking.storage_path and data.path as\n"
+        "shared absolute paths and use a tracking server (submit warns otherwise).\n"
+        "A head with token authentication (Ray 2.60's default) gets the token from RAY_AUTH_TOKEN,\n"
+        "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token (plain `ray job submit` also needs RAY_AUTH_MODE=token).\n"
+        "Exit status: the job's (0 = succeeded) with --follow, else 0 once submitted.",
         epilog="example:\n  metacorrect submit --address http://HEAD:8265 --env MLFLOW_TRACKING_URI=http://HEAD:5000 "
-        "--follow -- sweep configs/digits_mlc.yaml --set tracking.storage_path=/shared/runs",
+        "--follow -- sweep configs/digits_mlc.yaml --set tracking.storage_path=/shared/runs "
+        "--set data.path=/shared/data/digits-sym60",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p_sub.add_argument("--address", help="the head's dashboard, http://HEAD:8265 (default $RAY_ADDRESS)")
     p_sub.add_argument("--follow", action="store_true", help="stream the job's logs and wait for its end")
     p_sub.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                        help="environment variable for the job (repeatable); MLFLOW_TRACKING_URI and AWS_* are "
                        "passed on from this shell when set")
-    p_sub.add_argument("--pip", default="project", help="project (pyproject.toml dependencies, default), none "
-                       "(the cluster's Python as is) or a requirements file")
+    p_sub.add_argument("--pip", default="none", help="none (default: the cluster's Python environment as is), "
+                       "project (Ray installs pyproject.toml's dependencies for the job, in a new virtualenv copied "
+                       "from the cluster's Python: minutes for a large environment) or a requirements file")
     p_sub.add_argument("--working-dir", help="project directory to ship (default: the project around the cwd)")
     p_sub.add_argument("--exclude", action="append", default=[], help="more paths not to ship (gitignore syntax)")
     p_sub.add_argument("--job-id", help="submission id (default: generated)")
@@ -149,12 +155,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(args)
     except (ConfigError, DataError, NoiseSpecError) as e:
-        for line in str(e).splitlines():
+        from metacorrect.datasets.contract import first_line, unwrapped
+
+        # Raised in a Ray task (a damaged shard met while reading): its first line is the message.
+        lines = [first_line(e)] if unwrapped(e) is not e else str(e).splitlines()
+        for line in lines:
             print(f"error: {line}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM during training (the run is closed KILLED in MLflow)
+        from metacorrect.platform.failures import Terminated
+
+        terminated = isinstance(e, Terminated)
+        print("terminated" if terminated else "interrupted", file=sys.stderr)
+        return 143 if terminated else 130
 
 
 def _dispatch(args: argparse.Namespace) -> int:

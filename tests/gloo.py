@@ -17,6 +17,7 @@ RankResults = Callable[[int, Collective], Any]  # (rank, collective) -> what tha
 def _rank(results_fn: RankResults, rank: int, init_file: str, out_dir: str) -> None:
     import torch.distributed as dist
 
+    dtype, threads = torch.get_default_dtype(), torch.get_num_threads()  # rank 0 runs in the test process
     torch.set_default_dtype(torch.float64)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
@@ -25,6 +26,8 @@ def _rank(results_fn: RankResults, rank: int, init_file: str, out_dir: str) -> N
         torch.save(results_fn(rank, Collective(2, rank)), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+        torch.set_default_dtype(dtype)
+        torch.set_num_threads(threads)
 
 
 def run_two_ranks(results_fn: RankResults, tmp_path: Path) -> list[Any]:

@@ -1,10 +1,16 @@
-"""Killing a real subprocess at a chosen point (interrupted prepares must leave nothing that looks complete)."""
+"""Real subprocesses for fault tests: started in sessions of their own, killed at a chosen point, their whole
+process group ended after (only processes the tests started)."""
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def kill_when(proc: subprocess.Popen, ready: Callable[[], bool], timeout: float) -> bool:
@@ -24,3 +30,39 @@ def kill_when(proc: subprocess.Popen, ready: Callable[[], bool], timeout: float)
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def start_cli(args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """`python -m metacorrect ARGS` in a session of its own (so its process group can be ended), on a Ray
+    cluster of its own (RAY_ADDRESS=local), output to `log`."""
+    env = os.environ | {"RAY_ADDRESS": "local", "PYTHONPATH": str(ROOT)} | (env or {})
+    with open(log, "ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "metacorrect", *args], env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
+
+
+def wait_until(ready: Callable[[], bool], proc: subprocess.Popen, timeout: float, what: str) -> None:
+    """Poll `ready` every 10 ms; fail if `proc` exits first or `timeout` passes."""
+    deadline = time.time() + timeout
+    while not ready():
+        if proc.poll() is not None:
+            raise AssertionError(f"the process exited ({proc.returncode}) before {what}")
+        if time.time() > deadline:
+            raise AssertionError(f"{what} did not happen within {timeout} s")
+        time.sleep(0.01)
+
+
+def stop_group(pgid: int) -> None:
+    """SIGTERM the process group we started, then SIGKILL what is left of it."""
+    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 0.0)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.time() + wait
+        while time.time() < deadline:
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)

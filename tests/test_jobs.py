@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from metacorrect.config import ConfigError
+from procs import stop_group
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,22 +50,6 @@ def _wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -
     raise TimeoutError(f"{url} did not answer within {timeout}s")
 
 
-def _stop_group(pgid: int) -> None:
-    """SIGTERM the process group we started, then SIGKILL what is left of it."""
-    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 0.0)):
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.time() + wait
-        while time.time() < deadline:
-            try:
-                os.killpg(pgid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.2)
-
-
 @pytest.fixture
 def ray_head():
     """A one-node Ray cluster of its own (ports and temp dir apart from the session's cluster)."""
@@ -86,7 +71,7 @@ def ray_head():
         _wait_http(f"{address}/api/version", 60)
         yield address
     finally:
-        _stop_group(start.pid)  # every process of this head stays in the group of `ray start`
+        stop_group(start.pid)  # every process of this head stays in the group of `ray start`
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
@@ -103,7 +88,7 @@ def mlflow_server(tmp_path):
         _wait_http(f"{uri}/health", 120, server)
         yield uri
     finally:
-        _stop_group(server.pid)
+        stop_group(server.pid)
 
 
 def test_runtime_env_ships_the_project_without_data_and_forwards_tracking(monkeypatch):
@@ -155,5 +140,7 @@ def test_submit_runs_a_digits_job_whose_run_and_artifacts_reach_the_mlflow_serve
     model = Path(client.download_artifacts(run_id, "model/model.pt", str(tmp_path)))
     assert model.stat().st_size > 1000, "artifacts went through the server to its artifact store"
 
-    assert cli.main(["submit", "--address", ray_head, "--pip", "none", "--follow", "--", "run",
-                     "configs/does_not_exist.yaml"]) == 1, "a failed job gives a non-zero exit status"
+    assert cli.main(["submit", "--address", ray_head, "--follow", "--", "data", "inspect",
+                     "/does/not/exist"]) == 1, "a failed job gives a non-zero exit status"
+    assert cli.main(["submit", "--address", ray_head, "--", "run", "configs/does_not_exist.yaml"]) == 2, \
+        "a config that does not load is refused before anything is submitted"

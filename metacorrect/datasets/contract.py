@@ -28,6 +28,21 @@ class DataError(ValueError):
     """A data set or source is missing, incomplete or malformed; the message names the file."""
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (its type's name if it has none), for one-line reports."""
+    text = str(unwrapped(error)).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def unwrapped(error: BaseException) -> BaseException:
+    """The error raised in a Ray task or actor, without Ray's wrapper (whose text is a traceback, and to which
+    Ray Data appends its retry advice)."""
+    cause = getattr(error, "cause", None)
+    if type(error).__name__.startswith("RayTaskError") and isinstance(cause, BaseException):
+        return cause
+    return error
+
+
 @dataclass
 class DatasetMeta:
     name: str

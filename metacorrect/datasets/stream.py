@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from metacorrect.datasets.codec import decode_images
-from metacorrect.datasets.contract import DatasetMeta, split_files
+from metacorrect.datasets.contract import DataError, DatasetMeta, first_line, split_files
 
 AUGMENTS = ("none", "shift", "crop_flip")
 STRONG_AUGMENTS = ("randaugment", "affine")  # views for methods that ask for them (IEG's pseudo labels)
@@ -67,12 +68,35 @@ def row_groups(files: list[str]) -> list[dict[str, Any]]:
 
 def read_and_decode(units: dict[str, np.ndarray], encoding: str, shape: tuple[int, int, int],
                     block_rows: int) -> Iterator[dict[str, np.ndarray]]:
+    """A Ray Data task: read its row groups and decode them. A row group that cannot be read or an image that
+    does not decode is a `DataError` naming the shard (and the id): the data set was damaged after it was
+    prepared (prepare decodes every image it writes), so the run stops rather than train on part of it, and
+    the error is not retried (`platform/failures.py`)."""
     for file, group in zip(units["file"], units["group"]):
-        table = pq.ParquetFile(str(file)).read_row_group(int(group), columns=list(COLUMNS))
+        try:
+            table = pq.ParquetFile(str(file)).read_row_group(int(group), columns=list(COLUMNS))
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"{file}: row group {group} cannot be read ({first_line(e)}); the shard is damaged, "
+                            f"prepare the data set again") from None
         for lo in range(0, table.num_rows, block_rows):
             part = table.slice(lo, block_rows)
-            yield decode_batch({name: part[name].to_numpy(zero_copy_only=False) for name in COLUMNS},
-                               encoding, shape)
+            columns = {name: part[name].to_numpy(zero_copy_only=False) for name in COLUMNS}
+            try:
+                yield decode_batch(columns, encoding, shape)
+            except Exception:
+                raise _decode_error(file, columns, encoding, shape) from None
+
+
+def _decode_error(file: str, columns: dict[str, np.ndarray], encoding: str, shape: tuple[int, int, int]) -> DataError:
+    """The first image of a batch that fails to decode alone, named by shard and id."""
+    for i, blob in enumerate(columns["image"]):
+        try:
+            decode_images([blob], encoding, shape)
+        except Exception as e:
+            return DataError(f"{file}: the image of id {int(columns['id'][i])} does not decode as {encoding} "
+                             f"{'x'.join(map(str, shape))} ({first_line(e)}); the shard is damaged, prepare the data "
+                             f"set again")
+    return DataError(f"{file}: a batch of ids {int(columns['id'][0])}..{int(columns['id'][-1])} does not decode")
 
 
 def decoded_bytes(meta: DatasetMeta, split: str) -> int:

@@ -1,20 +1,14 @@
-"""Worker-side batches: Ray Data shards -> `Batch` on the device, in lockstep across workers.
-
-Shards are split without dropping rows, so workers can hold different numbers of batches. Every
-collective needs every worker, so a worker whose shard is exhausted keeps stepping with a stand-in
-batch of weight 0 until all are done: every noisy id is seen exactly once per epoch.
-"""
+"""Worker-side batches: Ray Data shards -> `Batch` on the device (global batches: `global_batches.py`)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from metacorrect.datasets.stream import augment_images, strong_augment_images, to_model_input
 from metacorrect.methods.base import Batch
-from metacorrect.platform.collective import Collective
 
 
 @dataclass
@@ -51,20 +45,11 @@ def iterate(shard, batch_size: int, device: torch.device, shuffle_buffer: int = 
                                     prefetch_batches=2, **kwargs)
 
 
-def lockstep(batches: Iterator[tuple[Batch, Tensor]], collective: Collective,
-             fallback: Batch) -> Iterator[tuple[Batch, Tensor | None]]:
-    """Yield this worker's batches until every worker is out; stand-ins (weight 0) fill the gap."""
-    last: Batch | None = None
-    it = iter(batches)
-    while True:
-        item = next(it, None)
-        if not collective.any(item is not None):
-            return
-        if item is None:
-            yield replace(last or fallback, weight=0.0), None
-        else:
-            last = item[0]
-            yield item
+def empty_rows(meta, device: torch.device) -> dict[str, Tensor]:
+    """Zero rows with the columns (dtype, image shape) that `iterate` yields for this data set."""
+    long = torch.zeros(0, dtype=torch.int64, device=device)
+    image = torch.zeros((0, *meta.image_shape), dtype=torch.uint8, device=device)
+    return {"id": long, "image": image, "label": long.clone(), "true_label": long.clone()}
 
 
 class CleanCycle:

@@ -20,12 +20,15 @@ WEIGHTS_FILE = "sample_weights.parquet"
 LABEL_TRANSITION_FILE = "label_transition.json"
 
 
-def save_state(state: dict[str, Any], extras: dict[str, bytes] | None = None, root: str | None = None) -> Path:
-    """Write into a fresh directory under `root` (default: a temporary one that Ray copies to storage and the
-    caller deletes after). `extras` are further files (name -> content) that belong with this checkpoint."""
-    if root:
-        Path(root).mkdir(parents=True, exist_ok=True)
-    directory = Path(tempfile.mkdtemp(prefix=f"checkpoint_epoch{state['epoch']:04d}_", dir=root))
+def save_state(state: dict[str, Any], extras: dict[str, bytes] | None = None) -> Path:
+    """Write into a fresh temporary directory (Ray copies it into the run directory; the caller deletes it)."""
+    directory = Path(tempfile.mkdtemp(prefix=f"checkpoint_epoch{state['epoch']:04d}_"))
+    write_state(directory, state, extras)
+    return directory
+
+
+def write_state(directory: Path, state: dict[str, Any], extras: dict[str, bytes] | None = None) -> None:
+    """`state` and `extras` (further files, name -> content, that belong with this checkpoint) into `directory`."""
     for name, content in (extras or {}).items():
         (directory / name).write_bytes(content)
     torch.save(state, directory / STATE_FILE)
@@ -33,7 +36,6 @@ def save_state(state: dict[str, Any], extras: dict[str, bytes] | None = None, ro
     torch.save(state["model"], directory / MODEL_FILE)
     # Per-epoch metrics of the whole run (also across resumes), readable without unpickling tensors.
     (directory / HISTORY_FILE).write_text(json.dumps(state["history"]))
-    return directory
 
 
 def load_state(directory: str | Path, device: torch.device | str = "cpu") -> dict[str, Any]:
@@ -84,7 +86,7 @@ def discard(directory: Path) -> None:
     shutil.rmtree(directory, ignore_errors=True)
 
 
-def prune(root: str | Path, keep: int = 2) -> None:
+def prune(root: str | Path, keep: int = 2, prefix: str = "checkpoint_epoch") -> None:
     """Keep the newest `keep` checkpoints written under `root` (local mode, where Ray copies nothing)."""
-    for old in sorted(Path(root).glob("checkpoint_epoch*"))[:-keep]:
+    for old in sorted(Path(root).glob(f"{prefix}*"))[:-keep]:
         discard(old)

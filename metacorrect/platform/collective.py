@@ -64,6 +64,14 @@ class Collective:
         dist.all_gather(out, padded)
         return torch.cat([o[: int(s.item())] for o, s in zip(out, sizes)])
 
+    def stack(self, tensor: Tensor) -> Tensor:
+        """Every worker's tensor of the same shape, stacked in rank order (one all-gather)."""
+        if not self.distributed:
+            return tensor.unsqueeze(0)
+        out = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        dist.all_gather(out, tensor)
+        return torch.stack(out)
+
     def union(self, names: set[str]) -> list[str]:
         """Sorted union of every worker's names (e.g. metric keys some steps or workers did not report)."""
         if not self.distributed:
@@ -76,12 +84,6 @@ class Collective:
         if self.distributed:
             for t in tensors:
                 dist.broadcast(t, src)
-
-    def any(self, flag: bool) -> bool:
-        """True if `flag` is true on any worker."""
-        if not self.distributed:
-            return flag
-        return bool(self.sum(torch.tensor([float(flag)], device=self.device)).item() > 0)
 
     def sync_module_(self, module: nn.Module) -> None:
         """Make replicas identical: parameters from rank 0, float buffers (BN running stats) averaged."""

@@ -1,9 +1,14 @@
 """Launch a `metacorrect` command on a Ray cluster as a Ray job (`ray job submit` semantics).
 
 The project directory travels as the job's `working_dir` (without data, runs, MLflow stores or virtualenvs:
-those live on shared storage or a tracking server), the project's pip requirements are installed on top of the
-cluster's Python (Ray's pip environments see the system site-packages, so what the image already has is not
-downloaded again), and environment variables such as MLFLOW_TRACKING_URI are passed to every process of the job.
+those live on shared storage or a tracking server), the job runs in the cluster's own Python environment (the
+image should have the project's requirements), and environment variables such as MLFLOW_TRACKING_URI are passed
+to every process of the job. `pip="project"` asks Ray to install the project's requirements for the job: Ray then
+builds a new virtualenv by copying the cluster's Python environment (minutes, and gigabytes, for a CUDA torch),
+so it is an explicit choice, not the default.
+
+The working directory is a temporary copy that Ray deletes: relative paths in the job's config
+(`tracking.storage_path`, `data.path`, a SQLite MLflow store) resolve inside it, so `submit` warns about each.
 """
 from __future__ import annotations
 
@@ -62,7 +67,7 @@ def project_requirements(root: Path) -> list[str]:
     return list(data.get("project", {}).get("dependencies", []))
 
 
-def build_runtime_env(root: Path, pip: str = "project", env: dict[str, str] | None = None,
+def build_runtime_env(root: Path, pip: str = "none", env: dict[str, str] | None = None,
                       excludes: list[str] | None = None) -> dict[str, Any]:
     """runtime_env for the job: working_dir = the project, pip requirements, env vars."""
     runtime_env: dict[str, Any] = {"working_dir": str(root), "excludes": EXCLUDES + list(excludes or [])}
@@ -90,7 +95,7 @@ def parse_env(items: list[str]) -> dict[str, str]:
 
 
 def submit(command: list[str], address: str | None = None, *, working_dir: str | Path | None = None,
-           pip: str = "project", env: dict[str, str] | None = None, follow: bool = False,
+           pip: str = "none", env: dict[str, str] | None = None, follow: bool = False,
            submission_id: str | None = None, entrypoint_num_cpus: float | None = None,
            entrypoint_num_gpus: float | None = None, excludes: list[str] | None = None,
            out=None) -> JobResult:
@@ -110,10 +115,12 @@ def submit(command: list[str], address: str | None = None, *, working_dir: str |
     if not root.is_dir():
         raise ConfigError(f"--working-dir {root}: not a directory")
     runtime_env = build_runtime_env(root, pip, env, excludes)
-    if "MLFLOW_TRACKING_URI" not in runtime_env["env_vars"]:
-        print("warning: no MLFLOW_TRACKING_URI: the job records MLflow runs inside its working directory on the "
-              "cluster, which Ray deletes; pass --env MLFLOW_TRACKING_URI=http://TRACKING-SERVER:5000",
-              file=sys.stderr)
+    problems = ephemeral_state(command, root, runtime_env["env_vars"])
+    if problems:
+        print("warning: this job would keep state inside Ray's temporary working directory on the cluster, which "
+              "Ray deletes when the job ends:", file=sys.stderr)
+        for line in problems:
+            print(f"  {line}", file=sys.stderr)
     entrypoint = " ".join(shlex.quote(part) for part in ["python", "-m", "metacorrect", *command])
     client = _client(address)
     job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=submission_id,
@@ -126,6 +133,36 @@ def submit(command: list[str], address: str | None = None, *, working_dir: str |
     status = follow_job(client, job_id, out)
     print(f"job {job_id}: {status}", file=out, flush=True)
     return JobResult(job_id, status, address)
+
+
+def ephemeral_state(command: list[str], root: Path, env_vars: dict[str, str]) -> list[str]:
+    """What a `run`, `compare` or `sweep` job would write inside its temporary working directory (one line each,
+    with the setting that fixes it); [] for other commands. A config that does not load fails here, before
+    anything is submitted."""
+    from metacorrect.cli import build_parser
+    from metacorrect.config import ExperimentConfig
+
+    args = build_parser().parse_args(command)
+    if args.command not in ("run", "compare", "sweep"):
+        return []
+    path = Path(args.config)
+    if not path.is_file() and (root / path).is_file():
+        path = root / path
+    cfg = ExperimentConfig.from_yaml(path, args.overrides)
+    out = []
+    if not Path(cfg.tracking.storage_path).expanduser().is_absolute():
+        out.append(f"tracking.storage_path '{cfg.tracking.storage_path}': checkpoints and run state would be lost, so "
+                   f"the run cannot be resumed; --set tracking.storage_path=/SHARED/runs")
+    if not cfg.data.path or not Path(cfg.data.path).expanduser().is_absolute():
+        where = cfg.data.path or f"data/{cfg.data.resolved_path().name}"
+        out.append(f"data.path '{where}': every job would prepare the data set again; "
+                   f"--set data.path=/SHARED/data/NAME")
+    uri = cfg.tracking.uri or env_vars.get("MLFLOW_TRACKING_URI")
+    if not uri or not (uri.startswith(("http://", "https://", "databricks")) or uri.startswith("sqlite:////")
+                       or Path(uri).is_absolute()):
+        out.append(f"MLflow store '{uri or 'mlruns/mlflow.db'}': the job's runs would be recorded there and deleted; "
+                   f"--env MLFLOW_TRACKING_URI=http://TRACKING-SERVER:5000")
+    return out
 
 
 def _client(address: str):

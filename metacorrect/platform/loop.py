@@ -5,7 +5,8 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -16,13 +17,15 @@ import torch
 
 from metacorrect.config import ExperimentConfig
 from metacorrect.datasets.contract import read_meta
-from metacorrect.methods import METHODS
+from metacorrect.methods import METHODS, Batch
 from metacorrect.methods.backbones import build_backbone
 from metacorrect.platform import checkpoint as ckpt
-from metacorrect.platform import quiet, tracking
-from metacorrect.platform.batches import CleanCycle, Normaliser, iterate, lockstep, to_batch
+from metacorrect.platform import quiet
+from metacorrect.platform.batches import CleanCycle, Normaliser, empty_rows, iterate, to_batch
 from metacorrect.platform.collective import Collective
 from metacorrect.platform.evaluate import evaluate, evaluate_noisy
+from metacorrect.platform.global_batches import global_batches
+from metacorrect.platform.records import RunRecords
 
 
 @dataclass
@@ -32,8 +35,9 @@ class RunContext:
     data_dir: str
     tracking_uri: str
     mlflow_run_id: str
+    run_dir: str  # storage_path/name: Ray Train's run directory, where committed checkpoints live
     torch_threads: int
-    local_checkpoints: str | None = None  # num_workers=0: Ray keeps checkpoints where they are written
+    local_checkpoints: str | None = None  # num_workers=0: our own committed checkpoints (Ray copies none)
     progress: bool = True  # one line per epoch from rank 0
 
 
@@ -72,11 +76,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     method = METHODS[cfg.method.name](cfg, model, optimizer, meta.num_classes, meta.counts["noisy_train"], collective,
                                       image_shape=tuple(meta.image_shape))
 
+    records = RunRecords(run.run_dir, run.tracking_uri, run.mlflow_run_id, rank, run.local_checkpoints)
     start_epoch, best, history = 0, {}, []
-    restored = ray.train.get_checkpoint()
-    if restored is not None:
-        with restored.as_directory() as d:
-            state = ckpt.load_state(d, device)
+    state = records.restore(device)
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -89,15 +92,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     clean = CleanCycle(ray.train.get_dataset_shard("clean"), cfg.train.clean_batch_size // world, device, norm,
                        meta.counts["clean_train"], seed=seed * 7919 + rank * 104729, augment=cfg.data.augment)
     noisy_shard = ray.train.get_dataset_shard("noisy")
+    template = empty_rows(meta, device)
     for epoch in range(start_epoch, cfg.train.epochs):
         _seed_everything(seed + 1000 * epoch + rank)  # per epoch, so a resumed run repeats the same draws
         clean.start_epoch(epoch)
         started = time.time()
-        batches = (to_batch(raw, norm, cfg.data.augment, method.strong_views, method.strong_augment)
-                   for raw in iterate(noisy_shard, local_bs, device, cfg.data.shuffle_buffer,
-                                      seed=seed * 1000 + epoch * 31 + rank))
+        stream = iterate(noisy_shard, local_bs, device, cfg.data.shuffle_buffer, seed=seed * 1000 + epoch * 31 + rank)
         method.start_epoch(epoch)
-        metrics = _train_epoch(method, batches, clean, collective, device)
+        metrics = _train_epoch(method, global_batches(stream, cfg.train.batch_size, collective, template), clean,
+                               collective, device,
+                               lambda raw: to_batch(raw, norm, cfg.data.augment, method.strong_views,
+                                                    method.strong_augment)[0])
         train_time = time.time() - started
         scheduler.step()
         collective.sync_module_(model)  # identical BN running stats on every replica before eval/checkpoint
@@ -113,24 +118,41 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                            "epoch_time_s": time.time() - started,
                            "train_samples_per_s": metrics["noisy_rows_seen"] / max(train_time, 1e-9)}
         history.append(metrics)
-        _report(cfg, run, rank, epoch, metrics, model, optimizer, scheduler, method, best, history, extras)
+        if rank == 0 and run.progress:
+            print("[metacorrect] " + _progress_line(cfg, metrics))
+        state = None
+        if rank == 0:
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "method": method.state_dict(), "epoch": epoch + 1,
+                     "best": best, "history": history, "config": cfg.to_dict()}
+        records.commit(epoch + 1, metrics, state, extras)
+    records.close()
 
 
-def _train_epoch(method, batches, clean: CleanCycle, collective: Collective, device) -> dict[str, float]:
-    """One pass over this worker's noisy shard in lockstep; step metrics averaged over the rows that count."""
+def _train_epoch(method, rows, clean: CleanCycle, collective: Collective, device,
+                 make_batch: Callable[[dict[str, torch.Tensor]], Batch]) -> dict[str, float]:
+    """One epoch of global batches; step metrics averaged over the rows that count.
+
+    A worker with no rows in a step (the epoch's last step can hold fewer rows than there are workers) still
+    steps, on a stand-in batch of weight 0, because every step's collectives need every worker."""
     method.model.train()
     sums: dict[str, float] = {}  # per key: sum of value x rows, and rows (a key may skip steps)
-    rows: dict[str, float] = {}
+    counted: dict[str, float] = {}
     weight, steps = 0.0, 0
-    for noisy, _true in lockstep(batches, collective, fallback=next(clean)):
+    last = next(clean)  # shapes for a stand-in before this worker has had rows of its own
+    for raw in rows:
+        if raw is None:
+            noisy = replace(last, weight=0.0)
+        else:
+            noisy = last = make_batch(raw)
         out = method.step(noisy, next(clean))
         steps += 1
         for k, v in out.items():
             sums[k] = sums.get(k, 0.0) + v * noisy.weight
-            rows[k] = rows.get(k, 0.0) + noisy.weight
+            counted[k] = counted.get(k, 0.0) + noisy.weight
         weight += noisy.weight
     keys = collective.union(set(sums))  # the same keys, in order, on every worker
-    totals = collective.sum(torch.tensor([sums.get(k, 0.0) for k in keys] + [rows.get(k, 0.0) for k in keys]
+    totals = collective.sum(torch.tensor([sums.get(k, 0.0) for k in keys] + [counted.get(k, 0.0) for k in keys]
                                          + [weight], dtype=torch.float64, device=device))
     metrics = {k: float(totals[i] / totals[len(keys) + i]) for i, k in enumerate(keys) if totals[len(keys) + i] > 0}
     return metrics | {"steps": steps, "noisy_rows_seen": int(totals[-1])}
@@ -167,28 +189,6 @@ def _evaluate_epoch(cfg: ExperimentConfig, method, meta, norm: Normaliser, colle
     if weights is not None and rank == 0:
         extras[ckpt.WEIGHTS_FILE] = ckpt.sample_weights_parquet(weights)
     return metrics, extras
-
-
-def _report(cfg, run: RunContext, rank: int, epoch: int, metrics: dict[str, float], model, optimizer, scheduler,
-            method, best, history, extras: dict[str, bytes]) -> None:
-    """Rank 0 logs and checkpoints; every worker calls `report` (it is a barrier)."""
-    directory = None
-    if rank == 0:
-        tracking.log_metrics(run.tracking_uri, run.mlflow_run_id, metrics, step=epoch + 1)
-        if run.progress:
-            print("[metacorrect] " + _progress_line(cfg, metrics))
-        directory = ckpt.save_state({
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "method": method.state_dict(), "epoch": epoch + 1, "best": best, "history": history,
-            "config": cfg.to_dict()}, extras, root=run.local_checkpoints)
-    try:
-        checkpoint = ray.train.Checkpoint.from_directory(str(directory)) if directory else None
-        ray.train.report(metrics, checkpoint=checkpoint)
-    finally:
-        if directory and not run.local_checkpoints:
-            ckpt.discard(directory)
-        elif directory:
-            ckpt.prune(run.local_checkpoints)
 
 
 def _progress_line(cfg: ExperimentConfig, m: dict[str, float]) -> str:

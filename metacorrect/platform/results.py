@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from metacorrect.platform.tracking import resolve_tracking_uri, ui_command
@@ -49,6 +50,28 @@ def format_table(results: list[RunResult]) -> str:
              for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def agreement(a: RunResult, b: RunResult) -> dict[str, float]:
+    """How far two runs of the same experiment ended apart (e.g. 1 vs 2 workers, CPU vs GPU): the absolute
+    difference of their final test and validation accuracy, the share of noisy ids whose corrected label is the
+    same (label-correcting methods), and the correlation of their per-sample weights (reweighting methods)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from metacorrect.platform.checkpoint import CORRECTED_FILE, WEIGHTS_FILE
+
+    out = {f"{k}_diff": abs(a.metrics[k] - b.metrics[k]) for k in ("test_accuracy", "val_accuracy")
+           if k in a.metrics and k in b.metrics}
+    for name, column, key in ((CORRECTED_FILE, "corrected_label", "label_agreement"),
+                              (WEIGHTS_FILE, "weight", "weight_correlation")):
+        files = [Path(r.checkpoint_path or "") / name for r in (a, b)]
+        if not all(f.is_file() for f in files):
+            continue
+        x, y = (pq.read_table(f, columns=["id", column]).to_pandas().sort_values("id")[column].to_numpy()
+                for f in files)
+        out[key] = float(np.mean(x == y)) if key == "label_agreement" else float(np.corrcoef(x, y)[0, 1])
+    return out
 
 
 def where(tracking_uri: str) -> str:

@@ -6,9 +6,11 @@ All calls go through an explicit `MlflowClient` (no global active run to leak be
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +106,11 @@ def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int) -> 
     client(uri).log_batch(run_id, metrics=items)
 
 
+def logged_steps(uri: str, run_id: str, key: str) -> set[int]:
+    """The steps at which `key` has been logged in the run (one request)."""
+    return {m.step for m in client(uri).get_metric_history(run_id, key)}
+
+
 def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     client(uri).set_terminated(run_id, status=status)
 
@@ -114,6 +121,20 @@ def end_run_if_running(uri: str, run_id: str, status: str) -> None:
     c = client(uri)
     if c.get_run(run_id).info.status == "RUNNING":
         c.set_terminated(run_id, status=status)
+
+
+@contextlib.contextmanager
+def closed_on_failure(uri: str, run_id: str) -> Iterator[None]:
+    """A run that ends inside the block by interrupt (Ctrl-C, SIGTERM) is closed KILLED, by error FAILED:
+    never left RUNNING. A later resume of the same name reopens it (`start_run`)."""
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit):
+        end_run_if_running(uri, run_id, "KILLED")
+        raise
+    except BaseException:
+        end_run_if_running(uri, run_id, "FAILED")
+        raise
 
 
 def _param_value(v: Any) -> str:

@@ -12,18 +12,21 @@ from typing import Any
 import numpy as np
 import ray
 import ray.data
+from ray.data.dataset import MaterializedDataset
 import ray.train
-from ray.train.torch import TorchTrainer
 
 from metacorrect.config import DataConfig, ExperimentConfig
 from metacorrect.datasets.contract import DataError, DatasetMeta, read_meta
 from metacorrect.datasets.noise import parse_noise
 from metacorrect.datasets.prepare import prepare
 from metacorrect.datasets.stream import decoded_bytes, open_split
+from metacorrect.datasets.validate import check_dataset
 from metacorrect.platform import checkpoint as ckpt
 from metacorrect.platform import plots, tracking
 from metacorrect.platform.cluster import ensure_ray
+from metacorrect.platform.failures import FAILURES_FILE, Trainer, one_line, root_error
 from metacorrect.platform.loop import RunContext, train_loop_per_worker
+from metacorrect.platform.records import log_missing_epochs
 from metacorrect.platform.results import RunResult
 
 SPLIT_ACROSS_WORKERS = ["noisy", "noisy_eval", "val", "test"]
@@ -52,6 +55,7 @@ def ensure_dataset(data: DataConfig, progress: bool = True) -> tuple[Path, Datas
         prepare(p.source, path, noise=p.noise, clean_per_class=p.clean_per_class, val_per_class=p.val_per_class,
                 test_fraction=p.test_fraction, seed=p.seed, options=p.options, progress=progress)
     meta = read_meta(path)
+    check_dataset(path, meta)  # before Ray starts: damaged shards and bad labels are one line, exit 2
     if not data.path:  # a derived path must hold what `data.prepare` describes
         expected = {"source": p.source, "noise": parse_noise(p.noise).to_string(), "seed": p.seed,
                     "clean_per_class": p.clean_per_class, "val_per_class": p.val_per_class,
@@ -78,15 +82,16 @@ def run(config: ExperimentConfig | str | Path | dict[str, Any] | None = None,
                                      f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}")
     run_dir = storage / name
     run_id, resumed = open_tracked_run(uri, cfg, meta, data_dir, name, run_dir)
-    if progress:
-        print(f"[metacorrect] {'resuming' if resumed else 'starting'} run {name}: {cfg.method.name} on {meta.name} "
-              f"({meta.counts['noisy_train']} noisy, {meta.counts['clean_train']} clean), "
-              f"{cfg.resources.num_workers} worker(s)")
-    trainer = build_trainer(cfg, data_dir, meta, name=name, storage=storage, uri=uri, run_id=run_id,
-                            progress=progress)
-    result = fit_tracked(trainer, uri, run_id, name, run_dir)
-    return finish_run(cfg, result.checkpoint, name=name, uri=uri, run_id=run_id, run_dir=run_dir,
-                      data_dir=data_dir, started=started)
+    with tracking.closed_on_failure(uri, run_id):
+        if progress:
+            print(f"[metacorrect] {'resuming' if resumed else 'starting'} run {name}: {cfg.method.name} on "
+                  f"{meta.name} ({meta.counts['noisy_train']} noisy, {meta.counts['clean_train']} clean), "
+                  f"{cfg.resources.num_workers} worker(s)")
+        trainer = build_trainer(cfg, data_dir, meta, name=name, storage=storage, uri=uri, run_id=run_id,
+                                progress=progress)
+        result = fit_tracked(trainer, uri, run_id, name, run_dir)
+        return finish_run(cfg, result.checkpoint, name=name, uri=uri, run_id=run_id, run_dir=run_dir,
+                          data_dir=data_dir, started=started)
 
 
 def ensure_trainable_dataset(data: DataConfig, progress: bool = True) -> tuple[Path, DatasetMeta]:
@@ -109,16 +114,17 @@ def open_tracked_run(uri: str, cfg: ExperimentConfig, meta: DatasetMeta, data_di
 
 
 def build_trainer(cfg: ExperimentConfig, data_dir: Path, meta: DatasetMeta, *, name: str, storage: Path, uri: str,
-                  run_id: str, callbacks: list[Any] | None = None, progress: bool = True) -> TorchTrainer:
+                  run_id: str, callbacks: list[Any] | None = None, progress: bool = True) -> Trainer:
     """The `TorchTrainer` of one run (Ray must be up): the same `storage/name` resumes from its checkpoint."""
     workers = cfg.resources.num_workers
     cpus = _cpus_per_worker(cfg)
     datasets = _datasets(cfg, data_dir, meta)
     resources = {"CPU": cpus} | ({"GPU": cfg.resources.gpus_per_worker} if cfg.resources.use_gpu else {})
-    return TorchTrainer(
+    return Trainer(
         train_loop_per_worker,
+        journal=storage / name / FAILURES_FILE,
         train_loop_config={"experiment": cfg.to_dict(), "run": vars(RunContext(
-            data_dir=str(data_dir), tracking_uri=uri, mlflow_run_id=run_id,
+            data_dir=str(data_dir), tracking_uri=uri, mlflow_run_id=run_id, run_dir=str(storage / name),
             torch_threads=max(1, math.floor(cpus)),
             local_checkpoints=None if workers else str(storage / name / "local_checkpoints"), progress=progress))},
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=cfg.resources.use_gpu,
@@ -134,15 +140,15 @@ def build_trainer(cfg: ExperimentConfig, data_dir: Path, meta: DatasetMeta, *, n
     )
 
 
-def fit_tracked(trainer: TorchTrainer, uri: str, run_id: str, name: str, run_dir: Path) -> ray.train.Result:
-    """`trainer.fit()`; a failure ends the MLflow run as FAILED and raises one-line `RunFailed`."""
+def fit_tracked(trainer: Trainer, uri: str, run_id: str, name: str, run_dir: Path) -> ray.train.Result:
+    """`trainer.fit()`; a failure ends the MLflow run as FAILED and raises one-line `RunFailed` (an interrupt
+    propagates, and the caller closes the run as KILLED)."""
     try:
         return trainer.fit()
     except Exception as e:
         tracking.end_run_if_running(uri, run_id, "FAILED")
-        cause = getattr(e, "__cause__", None) or e
-        raise RunFailed(f"run {name} failed: {str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__}"
-                        f" (MLflow run {run_id}, Ray Train logs under {run_dir})") from e
+        raise RunFailed(f"run {name} failed: {one_line(root_error(e))} (MLflow run {run_id}, Ray Train logs "
+                        f"and {FAILURES_FILE} under {run_dir})") from e
 
 
 def finish_run(cfg: ExperimentConfig, checkpoint: ray.train.Checkpoint | None, *, name: str, uri: str, run_id: str,
@@ -150,6 +156,8 @@ def finish_run(cfg: ExperimentConfig, checkpoint: ray.train.Checkpoint | None, *
     """The run's result read from its latest checkpoint; end artifacts logged and the MLflow run closed."""
     with (checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None)) as ckpt_dir:
         history = ckpt.load_history(ckpt_dir) if ckpt_dir else []
+        # Epochs committed but not yet logged when the loop ended (e.g. a sweep trial stopped by its scheduler).
+        log_missing_epochs(uri, run_id, history)
         out = RunResult(run_name=name, method=cfg.method.name, metrics=history[-1] if history else {},
                         history=history, mlflow_run_id=run_id, tracking_uri=uri,
                         checkpoint_path=checkpoint.path if checkpoint else None,
@@ -163,7 +171,7 @@ class ExactSplitDataConfig(ray.train.DataConfig):
     """Split datasets over workers without dropping rows.
 
     Ray's DataConfig splits with `equal=True`, which drops up to world_size-1 rows per epoch; here
-    every row reaches exactly one worker, and `batches.lockstep` absorbs the uneven shard lengths.
+    every row reaches exactly one worker, and `global_batches` deals the uneven shards into equal global batches.
     """
 
     def __init__(self, datasets_to_split: list[str], deterministic: bool = False):
@@ -179,7 +187,12 @@ class ExactSplitDataConfig(ray.train.DataConfig):
         for name, ds in datasets.items():
             ds = ds.copy(ds)
             ds.context.execution_options = self._resolve_execution_options(name)
-            if name in self._datasets_to_split:
+            if name in self._datasets_to_split and isinstance(ds, MaterializedDataset):
+                # Cached in the object store: a static split costs nothing, where each streaming split starts a
+                # coordinator actor and an executor (~1.5 s apiece on 2 cores, before the first batch).
+                for i, part in enumerate(ds.split(world_size, equal=False)):
+                    output[i][name] = part.iterator()
+            elif name in self._datasets_to_split:
                 for i, split in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=hints)):
                     output[i][name] = split
             else:
@@ -270,7 +283,9 @@ def _log_end(uri: str, run_id: str, cfg: ExperimentConfig, result: RunResult, ck
         model_file = Path(ckpt_dir) / ckpt.MODEL_FILE
         if model_file.is_file():
             c.log_artifact(run_id, str(model_file), "model")
-    c.log_metric(run_id, "wall_s", result.wall_s)
+    step = int(result.metrics.get("epoch", 0))
+    if step not in tracking.logged_steps(uri, run_id, "wall_s"):  # once per step, also when re-run finished
+        c.log_metric(run_id, "wall_s", result.wall_s, step=step)
     tracking.end_run(uri, run_id, status)
 
 

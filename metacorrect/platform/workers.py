@@ -16,5 +16,5 @@ def setup_worker() -> None:
     """
     import ray
 
-    if not os.environ.get("RAY_ADDRESS"):
+    if os.environ.get("RAY_ADDRESS", "") in ("", "local", "auto"):  # "local": a cluster of its own was started
         os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address

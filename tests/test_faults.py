@@ -1,0 +1,237 @@
+"""Faults a user meets, with real processes: a driver stopped by SIGTERM, Ctrl-C and SIGKILL and started again
+with the same name, a Ray Train worker killed by pid, damaged shards, labels out of range. Afterwards MLflow
+holds each epoch once (equal to an uninterrupted run), no run is left RUNNING, no uncommitted checkpoint is
+left behind, bad input is one line and exit status 2 before anything starts, and an error that would happen
+again is not retried."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from procs import start_cli, stop_group, wait_until
+
+EPOCHS = 4
+STOPPED_EPOCHS = 6  # room for three stops: a stop reaches the driver an epoch or so after the signal
+# One worker, fixed block order and one thread: a run is bit-identical to itself, so a resumed history must
+# equal an uninterrupted one exactly. `cpus_per_worker` keeps the thread count off the cluster's size.
+COMMON = ["resources.num_workers=1", "resources.cpus_per_worker=1", "data.deterministic=true", "model.width=8",
+          f"train.epochs={STOPPED_EPOCHS}", "tracking.experiment=faults"]
+
+
+def _sets(values: list[str]) -> list[str]:
+    return [arg for v in values for arg in ("--set", v)]
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(uri)
+
+
+def _history(uri: str, run_id: str, key: str = "val_accuracy") -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in _client(uri).get_metric_history(run_id, key))
+
+
+def _run_id(run_dir: Path) -> str:
+    return json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
+
+
+def _committed(run_dir: Path) -> set[str]:
+    """The checkpoint directories Ray's checkpoint manager has committed (what a restart resumes from)."""
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    if not snapshot.is_file():
+        return set()
+    state = json.loads(snapshot.read_text())
+    return {r["checkpoint_dir_name"] for r in state["checkpoint_results"]}
+
+
+def _printed_epochs(log: Path) -> int:
+    return log.read_text(errors="replace").count("[metacorrect] epoch ")
+
+
+@pytest.mark.slow
+def test_driver_stopped_three_ways_then_resumed_logs_each_epoch_once_as_an_uninterrupted_run(
+        ray_cluster, digits_noisy, tmp_path):
+    from metacorrect.config import ExperimentConfig
+    from metacorrect.platform.trainer import run
+
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    storage = tmp_path / "runs"
+    sets = COMMON + [f"data.path={digits_noisy}", f"tracking.uri={uri}", f"tracking.storage_path={storage}"]
+    args = ["run", "configs/digits_demo.yaml", "--name", "stopped", *_sets(sets)]
+    run_dir = storage / "stopped"
+    log = tmp_path / "driver.log"
+
+    def start_and_stop(sig: int, when) -> int:
+        """Start the run again; send `sig` once `when(epochs printed before)` holds; the exit status."""
+        before = _printed_epochs(log) if log.exists() else 0
+        driver = start_cli(args, log, {"RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address})
+        try:
+            wait_until(lambda: when(before), driver, 240, f"the moment to send signal {sig}")
+            driver.send_signal(sig)
+            return driver.wait(timeout=120)
+        finally:
+            stop_group(driver.pid)  # whatever of the driver survived it (its Ray workers end with it)
+
+    # SIGTERM (a scheduler's stop) during the first epochs, then Ctrl-C during the next ones.
+    assert start_and_stop(signal.SIGTERM, lambda before: _printed_epochs(log) > before) == 143, log.read_text()[-3000:]
+    run_id = _run_id(run_dir)
+    assert _client(uri).get_run(run_id).info.status == "KILLED"
+    assert start_and_stop(signal.SIGINT, lambda before: _printed_epochs(log) > before) == 130, log.read_text()[-3000:]
+    assert _client(uri).get_run(run_id).info.status == "KILLED"
+    assert "resuming run stopped" in log.read_text()
+
+    # SIGKILL the moment a new checkpoint directory appears: written, most likely not yet committed by Ray.
+    done = {p.name for p in run_dir.glob("checkpoint_epoch*")}
+    start_and_stop(signal.SIGKILL, lambda _: bool({p.name for p in run_dir.glob("checkpoint_epoch*")} - done))
+    written = {p.name for p in run_dir.glob("checkpoint_epoch*")}
+    uncommitted = written - _committed(run_dir)
+    logged = [step for step, _ in _history(uri, run_id)]
+    assert len(logged) == len(set(logged)) and logged == sorted(logged), logged
+
+    resumed = run(ExperimentConfig.from_yaml("configs/digits_demo.yaml", sets + ["tracking.run_name=stopped"]),
+                  progress=False)
+    # The same loop in this process (local mode) is the uninterrupted reference: the same arithmetic, faster.
+    straight = run(ExperimentConfig.from_yaml("configs/digits_demo.yaml", sets + ["tracking.run_name=straight",
+                                                                                   "resources.num_workers=0"]),
+                   progress=False)
+    assert resumed.mlflow_run_id == run_id, "every start appended to the same MLflow run"
+    assert _client(uri).get_run(run_id).info.status == "FINISHED"
+    for key in ("val_accuracy", "test_accuracy", "train_loss", "noisy_recovery", "epoch"):
+        history = _history(uri, run_id, key)
+        assert [s for s, _ in history] == list(range(1, STOPPED_EPOCHS + 1)), (key, history)
+        assert history == _history(uri, straight.mlflow_run_id, key), f"{key}: resumed != uninterrupted"
+    left = {p.name for p in run_dir.glob("checkpoint_epoch*")}
+    assert left == _committed(run_dir) == {f"checkpoint_epoch{e:04d}" for e in (STOPPED_EPOCHS - 1, STOPPED_EPOCHS)}, \
+        f"only committed checkpoints remain (written {written}, uncommitted at the kill {uncommitted})"
+    assert not (run_dir / "failures.jsonl").exists(), "a stopped driver is not a training failure"
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_retried_from_the_last_commit_and_every_epoch_is_logged_once(
+        ray_cluster, digits_noisy, tmp_path):
+    from ray.util.state import list_actors
+
+    from metacorrect.config import ExperimentConfig
+    from metacorrect.platform.trainer import run
+
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    run_dir = tmp_path / "runs" / "worker-killed"
+    cfg = ExperimentConfig.from_yaml("configs/digits_demo.yaml", [
+        f"data.path={digits_noisy}", f"tracking.uri={uri}", f"tracking.storage_path={tmp_path / 'runs'}",
+        "tracking.run_name=worker-killed", "resources.num_workers=2", "model.width=8", f"train.epochs={EPOCHS}",
+        "tracking.experiment=faults"])
+    outcome = {}
+    driver = threading.Thread(target=lambda: outcome.update(result=run(cfg, progress=False)))
+    driver.start()
+    try:
+        deadline = time.time() + 240
+        while not (run_dir / "checkpoint_epoch0002").exists():
+            assert driver.is_alive() and time.time() < deadline, "epoch 2 was never checkpointed"
+            time.sleep(0.01)
+        workers = [a for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
+        assert len(workers) == 2
+        os.kill(workers[1]["pid"], signal.SIGKILL)  # one worker: the other sees a collective error
+    finally:
+        driver.join(timeout=300)
+    result = outcome["result"]
+    assert [s for s, _ in _history(uri, result.mlflow_run_id)] == list(range(1, EPOCHS + 1))
+    assert [s for s, _ in _history(uri, result.mlflow_run_id, "epoch")] == list(range(1, EPOCHS + 1))
+    assert _client(uri).get_run(result.mlflow_run_id).info.status == "FINISHED"
+    decisions = [json.loads(line) for line in (run_dir / "failures.jsonl").read_text().splitlines()]
+    assert [d["decision"] for d in decisions] == ["retry"] and not decisions[0]["deterministic"], decisions
+    assert {p.name for p in run_dir.glob("checkpoint_epoch*")} == _committed(run_dir)
+
+
+# ---- bad data --------------------------------------------------------------------------------------------------
+def _copy(data: Path, tmp_path: Path) -> tuple[Path, Path]:
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    return copy, sorted((copy / "noisy_train").glob("part-*.parquet"))[0]
+
+
+def _rewrite(shard: Path, column: str, change) -> None:
+    table = pq.read_table(shard)
+    values = change(table[column].to_pylist())
+    index = table.schema.get_field_index(column)
+    pq.write_table(table.set_column(index, table.schema.field(index), pa.array(values, table.schema.field(index).type)),
+                   shard)
+
+
+def _cli_lines(capsys, argv: list[str]) -> tuple[int, list[str]]:
+    from metacorrect import cli
+
+    code = cli.main(argv)
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def test_a_truncated_shard_is_one_line_naming_it_before_anything_starts(digits_noisy, tmp_path, capsys):
+    data, shard = _copy(digits_noisy, tmp_path)
+    os.truncate(shard, 1000)
+    db = tmp_path / "mlruns.db"
+    args = ["run", "configs/digits_demo.yaml", "--set", f"data.path={data}", "--set", f"tracking.uri=sqlite:///{db}",
+            "--set", f"tracking.storage_path={tmp_path / 'runs'}"]
+    code, err = _cli_lines(capsys, args)
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"error: {shard}: not a readable parquet shard (Parquet magic bytes not found"), err
+    assert not db.exists() and not (tmp_path / "runs").exists(), "no MLflow run opened, nothing written"
+    code, err = _cli_lines(capsys, ["data", "inspect", str(data)])
+    assert code == 2 and len(err) == 1 and str(shard) in err[0], err
+
+
+def test_labels_out_of_range_and_bad_ids_are_named_by_file_and_row(digits_noisy, tmp_path, capsys):
+    from metacorrect.datasets.contract import DataError, read_meta
+    from metacorrect.datasets.validate import check_dataset
+
+    data, shard = _copy(digits_noisy, tmp_path)
+    _rewrite(shard, "label", lambda v: v[:7] + [99] + v[8:])
+    first_id = pq.read_table(shard, columns=["id"])["id"][7].as_py()
+    code, err = _cli_lines(capsys, ["run", "configs/digits_demo.yaml", "--set", f"data.path={data}",
+                                    "--set", f"tracking.uri=sqlite:///{tmp_path / 'mlruns.db'}",
+                                    "--set", f"tracking.storage_path={tmp_path / 'runs'}"])
+    assert code == 2 and err == [f"error: {shard}: row 7 (id {first_id}): label 99 outside [0, 10)"], err
+
+    _rewrite(shard, "label", lambda v: v[:7] + [1] + v[8:])
+    _rewrite(shard, "true_label", lambda v: [-2] + v[1:])
+    _rewrite(shard, "id", lambda v: v[:3] + [v[2]] + v[4:])  # id of row 2 twice, id of row 3 missing
+    with pytest.raises(DataError) as e:
+        check_dataset(data, read_meta(data))
+    lines = str(e.value).splitlines()
+    assert any(f"{shard}: row 0 (id " in line and "true_label -2 outside [-1, 10)" in line for line in lines), lines
+    assert any(f"{data / 'noisy_train'}: id " in line and "occurs 2 times" in line for line in lines), lines
+    meta_file = data / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    meta["counts"]["val"] += 1
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=f"{data / 'val'}: shards hold .* rows, meta.json says"):
+        check_dataset(data, read_meta(data))
+
+
+@pytest.mark.slow
+def test_a_damaged_image_fails_the_run_once_with_one_line_and_is_not_retried(ray_cluster, digits_noisy, tmp_path,
+                                                                            capsys):
+    data, shard = _copy(digits_noisy, tmp_path)
+    _rewrite(shard, "image", lambda v: v[:5] + [v[5][:10]] + v[6:])  # raw 8x8 pixels cut to 10 bytes
+    bad_id = pq.read_table(shard, columns=["id"])["id"][5].as_py()
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    # Not cached in the object store, so the shard is read inside the Ray Train workers.
+    code, err = _cli_lines(capsys, [
+        "run", "configs/digits_demo.yaml", "--name", "damaged", *_sets([
+            f"data.path={data}", f"tracking.uri={uri}", f"tracking.storage_path={tmp_path / 'runs'}",
+            "data.cache_mb=0", "resources.num_workers=2", "resources.max_failures=2", "model.width=8"])])
+    expected = f"{shard}: the image of id {bad_id} does not decode as raw 8x8x1"
+    assert code == 1 and err[-1].startswith(f"error: run damaged failed: {expected}"), err[-3:]
+    run_dir = tmp_path / "runs" / "damaged"
+    decisions = [json.loads(line) for line in (run_dir / "failures.jsonl").read_text().splitlines()]
+    assert [d["decision"] for d in decisions] == ["raise"], "raised at the first attempt, max_failures unused"
+    assert decisions[0]["deterministic"] and all(e.startswith(expected) for e in decisions[0]["errors"].values())
+    assert _client(uri).get_run(_run_id(run_dir)).info.status == "FAILED"

@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(args)
     except (ConfigError, DataError, NoiseSpecError) as e:
-        from metacorrect.datasets.contract import first_line, unwrapped
+        from metacorrect.errors import first_line, unwrapped
 
         # Raised in a Ray task (a damaged shard met while reading): its first line is the message.
         lines = [first_line(e)] if unwrapped(e) is not e else str(e).splitlines()
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM during training (the run is closed KILLED in MLflow)
-        from metacorrect.platform.failures import Terminated
+        from metacorrect.platform.torch_trainer import Terminated
 
         terminated = isinstance(e, Terminated)
         print("terminated" if terminated else "interrupted", file=sys.stderr)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -51,11 +51,15 @@ def _wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -
 
 
 @pytest.fixture
-def ray_head():
-    """A one-node Ray cluster of its own (ports and temp dir apart from the session's cluster)."""
+def ray_head(monkeypatch):
+    """A one-node Ray cluster of its own (ports and temp dir apart from the session's cluster) with token
+    authentication on and a token of its own, which this test's clients find through RAY_AUTH_TOKEN_PATH."""
     gcs, dashboard, client, agent, agent_grpc, metrics, env_agent = _free_ports(7)
     temp_dir = tempfile.mkdtemp(prefix="mcray", dir="/tmp")  # short: Ray's socket paths have a length limit
-    env = os.environ | {"PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    token = Path(temp_dir) / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token))
+    env = os.environ | {"PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
     start = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
@@ -102,11 +106,35 @@ def test_runtime_env_ships_the_project_without_data_and_forwards_tracking(monkey
     assert {"/data/", "/mlruns/", "/.venv/", "/runs/", "/.git/"} <= set(env["excludes"])
     assert any(r.startswith("ray[") for r in env["pip"]) and any(r.startswith("mlflow") for r in env["pip"])
     assert env["env_vars"] == {"MLFLOW_TRACKING_URI": "http://tracking:5000", "EXTRA": "1"}
+    assert "pip" not in build_runtime_env(root), "by default the job runs in the cluster's own environment"
     assert "pip" not in build_runtime_env(root, "none")
     with pytest.raises(ConfigError, match="--env 'X': expected KEY=VALUE"):
         parse_env(["X"])
     with pytest.raises(ConfigError, match="--pip nope.txt: expected project, none or a requirements file"):
         build_runtime_env(root, "nope.txt")
+
+
+def test_submit_names_every_path_the_job_would_lose_with_its_working_directory(monkeypatch, capsys):
+    from metacorrect import cli
+    from metacorrect.platform.jobs import ephemeral_state
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    lost = ephemeral_state(["run", "configs/digits_demo.yaml"], ROOT, {})
+    assert len(lost) == 3
+    assert lost[0].startswith("tracking.storage_path 'runs': ") and "--set tracking.storage_path=/SHARED/runs" in lost[0]
+    assert lost[1].startswith("data.path 'data/digits-symmetric-0.6-clean10-seed0': ") and "/SHARED/data" in lost[1]
+    assert lost[2].startswith("MLflow store 'mlruns/mlflow.db': ") and "MLFLOW_TRACKING_URI=" in lost[2]
+    shared = ["--set", "tracking.storage_path=/shared/runs", "--set", "data.path=/shared/data/digits"]
+    assert ephemeral_state(["sweep", "configs/digits_mlc.yaml", *shared], ROOT,
+                           {"MLFLOW_TRACKING_URI": "http://tracking:5000"}) == []
+    assert ephemeral_state(["data", "inspect", "/shared/data/digits"], ROOT, {}) == []
+    # The warning comes before anything is sent (here to an address where nothing answers: exit 2).
+    assert cli.main(["submit", "--address", "http://127.0.0.1:9", "--", "run", "configs/digits_demo.yaml"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("warning: this job would keep state inside Ray's temporary working directory")
+    assert [line.split(":")[0].strip() for line in err[1:4]] == ["tracking.storage_path 'runs'", "data.path 'data/digits-symmetric-0.6-clean10-seed0'", "MLflow store 'mlruns/mlflow.db'"]
+    assert err[-1].startswith("error: --address http://127.0.0.1:9: no Ray dashboard answers there")
 
 
 @pytest.mark.slow
@@ -119,16 +147,21 @@ def test_submit_runs_a_digits_job_whose_run_and_artifacts_reach_the_mlflow_serve
     monkeypatch.chdir(ROOT)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     code = cli.main([
-        "submit", "--address", ray_head, "--pip", "none", "--env", f"MLFLOW_TRACKING_URI={mlflow_server}",
+        "submit", "--address", ray_head, "--env", f"MLFLOW_TRACKING_URI={mlflow_server}",
         "--follow", "--", "run", "configs/digits_demo.yaml", "--set", f"data.path={digits_noisy}",
         "--set", "train.epochs=1", "--set", "resources.num_workers=1", "--set", "model.width=8",
         "--set", "train.eval_noisy_train=false", "--set", f"tracking.storage_path={tmp_path / 'runs'}",
         "--set", "tracking.experiment=jobs"])
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert code == 0, out[-3000:]
+    assert "warning:" not in captured.err, "shared paths and a tracking server: nothing to warn about"
     job_id = re.search(r"submitted job (\S+) to", out).group(1)
     assert f"job {job_id}: SUCCEEDED" in out
     assert "[metacorrect] epoch 1/1" in out, "--follow streams the job's logs"
+    from metacorrect.platform.jobs import _client
+
+    assert "pip" not in (_client(ray_head).get_job_info(job_id).runtime_env or {}), "no environment built for it"
 
     client = MlflowClient(mlflow_server)
     runs = client.search_runs([client.get_experiment_by_name("jobs").experiment_id])
@@ -144,3 +177,15 @@ def test_submit_runs_a_digits_job_whose_run_and_artifacts_reach_the_mlflow_serve
                      "/does/not/exist"]) == 1, "a failed job gives a non-zero exit status"
     assert cli.main(["submit", "--address", ray_head, "--", "run", "configs/does_not_exist.yaml"]) == 2, \
         "a config that does not load is refused before anything is submitted"
+
+
+@pytest.mark.slow
+def test_plain_ray_job_submit_needs_ray_auth_mode_token(ray_head):
+    """What the README tells users of `ray job submit`: against a head with token authentication, the Ray CLI
+    sends the token only with RAY_AUTH_MODE=token."""
+    command = [str(BIN / "ray"), "job", "submit", "--address", ray_head, "--", "python", "-c", "print('job ran')"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
+    refused = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "RAY_AUTH_MODE" in refused.stdout + refused.stderr
+    done = subprocess.run(command, env=env | {"RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "job ran" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]

@@ -1,4 +1,7 @@
-"""End-to-end runs on a real local Ray cluster, real parquet data and a real MLflow SQLite store."""
+"""The data path of a multi-worker run on a real local Ray cluster and the loop in the driver (local mode).
+
+Two-worker runs of every method and their MLflow records: test_workers_e2e.py; resume after a stopped or
+killed driver or worker: test_faults.py."""
 from __future__ import annotations
 
 import sys
@@ -45,7 +48,7 @@ def test_two_workers_see_every_noisy_id_once_per_epoch(ray_cluster, digits_noisy
 
     from metacorrect.datasets.contract import read_meta
     from metacorrect.datasets.stream import open_split
-    from metacorrect.platform.trainer import ExactSplitDataConfig
+    from metacorrect.platform.data_config import ExactSplitDataConfig
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
     meta = read_meta(digits_noisy)
@@ -67,77 +70,6 @@ def test_two_workers_see_every_noisy_id_once_per_epoch(ray_cluster, digits_noisy
         sizes = [np.load(tmp_path / f"epoch{epoch}-rank{r}-sizes.npy") for r in range(2)]
         assert len(sizes[0]) == len(sizes[1]), "workers take the same number of steps, whatever their shard sizes"
         assert (sizes[0] + sizes[1]).tolist() == [48] * (n // 48) + [n % 48], "the global batches of one worker"
-
-
-def test_erm_reaches_90_percent_on_clean_digits(ray_cluster, digits_clean, experiment):
-    from metacorrect.platform.trainer import run
-
-    cfg = experiment(digits_clean, train__epochs=5, optim__lr=0.05)
-    result = run(cfg, progress=False)
-    assert result.metrics["epoch"] == 5
-    assert result.metrics["test_accuracy"] >= 0.90, result.metrics
-    assert result.metrics["noisy_rows_seen"] == 1138 + 0  # the whole noisy split, each epoch
-    assert [h["epoch"] for h in result.history] == [1, 2, 3, 4, 5]
-
-
-def test_noisy_digits_erm_and_clean_only_run_and_log_to_mlflow(ray_cluster, digits_noisy, experiment):
-    from mlflow.tracking import MlflowClient
-
-    from metacorrect.platform.trainer import run
-
-    results = {m: run(experiment(digits_noisy, method__name=m), progress=False) for m in ("erm", "clean_only")}
-    for method, result in results.items():
-        client = MlflowClient(tracking_uri=result.tracking_uri)  # a fresh client on the same store
-        mlrun = client.get_run(result.mlflow_run_id)
-        assert mlrun.info.status == "FINISHED"
-        assert mlrun.data.params["method.name"] == method
-        assert mlrun.data.params["data.prepare.noise"] == "symmetric:0.6"
-        assert float(mlrun.data.params["data.actual_noise_rate"]) == pytest.approx(0.6, abs=0.05)
-        history = client.get_metric_history(result.mlflow_run_id, "test_accuracy")
-        assert [m.step for m in history] == [1, 2]
-        for key in ("train_loss", "val_accuracy", "noisy_recovery", "noisy_memorised_corrupted"):
-            assert len(client.get_metric_history(result.mlflow_run_id, key)) == 2, key
-        artifacts = _artifact_sizes(client, result.mlflow_run_id)
-        for name in ("plots/noise_transition.png", "plots/learning_curves.png", "config.yaml", "model/model.pt",
-                     "data/meta.json"):
-            assert artifacts.get(name, 0) > 0, f"{name} missing or empty in {sorted(artifacts)}"
-        assert 0.0 <= result.metrics["test_accuracy"] <= 1.0
-    assert results["erm"].mlflow_run_id != results["clean_only"].mlflow_run_id
-
-
-def _artifact_sizes(client, run_id, path=None) -> dict[str, int]:
-    out = {}
-    for item in client.list_artifacts(run_id, path):
-        if item.is_dir:
-            out |= _artifact_sizes(client, run_id, item.path)
-        else:
-            out[item.path] = item.file_size or 0
-    return out
-
-
-def test_resume_continues_at_next_epoch_with_the_same_state(ray_cluster, digits_noisy, experiment):
-    """A run stopped after epoch 1 and started again equals an uninterrupted run (one worker, seeded)."""
-    from mlflow.tracking import MlflowClient
-
-    from metacorrect.platform import checkpoint as ckpt
-    from metacorrect.platform.trainer import run
-
-    common = dict(resources__num_workers=1, optim__schedule="constant", data__deterministic="true")
-    first = run(experiment(digits_noisy, train__epochs=1, tracking__run_name="resume-me", **common), progress=False)
-    assert first.metrics["epoch"] == 1
-    resumed = run(experiment(digits_noisy, train__epochs=2, tracking__run_name="resume-me", **common), progress=False)
-    straight = run(experiment(digits_noisy, train__epochs=2, tracking__run_name="straight", **common), progress=False)
-
-    assert resumed.mlflow_run_id == first.mlflow_run_id, "resuming appends to the same MLflow run"
-    steps = [m.step for m in MlflowClient(resumed.tracking_uri).get_metric_history(resumed.mlflow_run_id, "val_accuracy")]
-    assert steps == [1, 2], "epoch 1 from the first start, epoch 2 from the resumed one; nothing repeated"
-
-    a, b = ckpt.load_state(resumed.checkpoint_path), ckpt.load_state(straight.checkpoint_path)
-    assert a["epoch"] == b["epoch"] == 2
-    for key, tensor in a["model"].items():
-        torch.testing.assert_close(tensor, b["model"][key], msg=f"model.{key} differs after resume")
-    for pid, state in a["optimizer"]["state"].items():
-        torch.testing.assert_close(state["momentum_buffer"], b["optimizer"]["state"][pid]["momentum_buffer"])
 
 
 def test_local_mode_runs_in_the_driver_and_keeps_its_checkpoint(ray_cluster, digits_noisy, experiment):

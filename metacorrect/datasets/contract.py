@@ -14,6 +14,8 @@ from typing import Any
 
 import pyarrow as pa
 
+from metacorrect.errors import DataError  # noqa: F401  (part of the data contract's API)
+
 FORMAT_VERSION = 1
 SPLITS = ("noisy_train", "clean_train", "val", "test")
 SCHEMA = pa.schema([
@@ -22,25 +24,6 @@ SCHEMA = pa.schema([
     ("label", pa.int16()),
     ("true_label", pa.int16()),
 ])
-
-
-class DataError(ValueError):
-    """A data set or source is missing, incomplete or malformed; the message names the file."""
-
-
-def first_line(error: BaseException) -> str:
-    """The first line of an error's message (its type's name if it has none), for one-line reports."""
-    text = str(unwrapped(error)).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
-def unwrapped(error: BaseException) -> BaseException:
-    """The error raised in a Ray task or actor, without Ray's wrapper (whose text is a traceback, and to which
-    Ray Data appends its retry advice)."""
-    cause = getattr(error, "cause", None)
-    if type(error).__name__.startswith("RayTaskError") and isinstance(cause, BaseException):
-        return cause
-    return error
 
 
 @dataclass

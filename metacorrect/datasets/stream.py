@@ -14,7 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from metacorrect.datasets.codec import decode_images
-from metacorrect.datasets.contract import DataError, DatasetMeta, first_line, split_files
+from metacorrect.datasets.contract import DataError, DatasetMeta, split_files
+from metacorrect.errors import first_line
 
 AUGMENTS = ("none", "shift", "crop_flip")
 STRONG_AUGMENTS = ("randaugment", "affine")  # views for methods that ask for them (IEG's pseudo labels)
@@ -71,7 +72,7 @@ def read_and_decode(units: dict[str, np.ndarray], encoding: str, shape: tuple[in
     """A Ray Data task: read its row groups and decode them. A row group that cannot be read or an image that
     does not decode is a `DataError` naming the shard (and the id): the data set was damaged after it was
     prepared (prepare decodes every image it writes), so the run stops rather than train on part of it, and
-    the error is not retried (`platform/failures.py`)."""
+    the error is not retried (`platform/failure_policy.py`)."""
     for file, group in zip(units["file"], units["group"]):
         try:
             table = pq.ParquetFile(str(file)).read_row_group(int(group), columns=list(COLUMNS))

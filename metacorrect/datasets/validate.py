@@ -13,7 +13,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from metacorrect.datasets.contract import SCHEMA, SPLITS, DataError, DatasetMeta, first_line, split_files
+from metacorrect.datasets.contract import SCHEMA, SPLITS, DataError, DatasetMeta, split_files
+from metacorrect.errors import first_line
 
 MAX_PROBLEMS = 10  # a badly damaged data set is described by its first problems, not thousands of lines
 INT_COLUMNS = ["id", "label", "true_label"]

@@ -54,14 +54,16 @@ def format_table(results: list[RunResult]) -> str:
 
 def agreement(a: RunResult, b: RunResult) -> dict[str, float]:
     """How far two runs of the same experiment ended apart (e.g. 1 vs 2 workers, CPU vs GPU): the absolute
-    difference of their final test and validation accuracy, the share of noisy ids whose corrected label is the
-    same (label-correcting methods), and the correlation of their per-sample weights (reweighting methods)."""
+    difference of their final test and validation accuracy, of their corrected labels' accuracy (label-correcting
+    methods) and of their mean weights of clean and of corrupted samples (reweighting methods); the share of
+    noisy ids whose corrected label is the same, and the correlation of their per-sample weights."""
     import numpy as np
     import pyarrow.parquet as pq
 
     from metacorrect.platform.checkpoint import CORRECTED_FILE, WEIGHTS_FILE
 
-    out = {f"{k}_diff": abs(a.metrics[k] - b.metrics[k]) for k in ("test_accuracy", "val_accuracy")
+    out = {f"{k}_diff": abs(a.metrics[k] - b.metrics[k])
+           for k in ("test_accuracy", "val_accuracy", "corrected_accuracy", "weight_mean_clean", "weight_mean_corrupted")
            if k in a.metrics and k in b.metrics}
     for name, column, key in ((CORRECTED_FILE, "corrected_label", "label_agreement"),
                               (WEIGHTS_FILE, "weight", "weight_correlation")):

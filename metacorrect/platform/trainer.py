@@ -12,7 +12,6 @@ from typing import Any
 import numpy as np
 import ray
 import ray.data
-from ray.data.dataset import MaterializedDataset
 import ray.train
 
 from metacorrect.config import DataConfig, ExperimentConfig
@@ -24,7 +23,9 @@ from metacorrect.datasets.validate import check_dataset
 from metacorrect.platform import checkpoint as ckpt
 from metacorrect.platform import plots, tracking
 from metacorrect.platform.cluster import ensure_ray
-from metacorrect.platform.failures import FAILURES_FILE, Trainer, one_line, root_error
+from metacorrect.platform.data_config import ExactSplitDataConfig
+from metacorrect.platform.failure_policy import FAILURES_FILE, one_line, root_error
+from metacorrect.platform.torch_trainer import Trainer
 from metacorrect.platform.loop import RunContext, train_loop_per_worker
 from metacorrect.platform.records import log_missing_epochs
 from metacorrect.platform.results import RunResult
@@ -165,40 +166,6 @@ def finish_run(cfg: ExperimentConfig, checkpoint: ray.train.Checkpoint | None, *
                         config=cfg.to_dict())
         _log_end(uri, run_id, cfg, out, ckpt_dir, status)
     return out
-
-
-class ExactSplitDataConfig(ray.train.DataConfig):
-    """Split datasets over workers without dropping rows.
-
-    Ray's DataConfig splits with `equal=True`, which drops up to world_size-1 rows per epoch; here
-    every row reaches exactly one worker, and `global_batches` deals the uneven shards into equal global batches.
-    """
-
-    def __init__(self, datasets_to_split: list[str], deterministic: bool = False):
-        options = None
-        if deterministic:  # same block order every run (exactly repeatable with one worker)
-            options = ray.train.DataConfig.default_ingest_options()
-            options.preserve_order = True
-        super().__init__(datasets_to_split=datasets_to_split, execution_options=options)
-
-    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-        output = [{} for _ in range(world_size)]
-        hints = worker_node_ids if self._enable_shard_locality else None
-        for name, ds in datasets.items():
-            ds = ds.copy(ds)
-            ds.context.execution_options = self._resolve_execution_options(name)
-            if name in self._datasets_to_split and isinstance(ds, MaterializedDataset):
-                # Cached in the object store: a static split costs nothing, where each streaming split starts a
-                # coordinator actor and an executor (~1.5 s apiece on 2 cores, before the first batch).
-                for i, part in enumerate(ds.split(world_size, equal=False)):
-                    output[i][name] = part.iterator()
-            elif name in self._datasets_to_split:
-                for i, split in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=hints)):
-                    output[i][name] = split
-            else:
-                for i in range(world_size):
-                    output[i][name] = ds.iterator()
-        return output
 
 
 def _datasets(cfg: ExperimentConfig, data_dir: Path, meta: DatasetMeta) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""What a training failure does: Ray Train retries what a retry can fix, and an interrupt ends the run.
+"""Which training failures Ray Train retries: what a retry can fix, not errors that would happen again.
 
 `resources.max_failures` is for lost workers and nodes (a killed process, a preempted machine, the collective
 errors the surviving workers see when a peer dies). An error that comes from the data, the config or the
@@ -6,27 +6,19 @@ code (a label out of range, a damaged shard, a TypeError) would happen again ide
 costs a worker-group restart per attempt: such a run fails at its first attempt. Every decision is appended
 to `failures.jsonl` in the run directory, so a user can see what was retried and why.
 
-Ctrl-C and SIGTERM abort the Ray Train run (its controller and workers stop) and reach the caller as
-`KeyboardInterrupt`, so the run's MLflow record is closed as KILLED; Ray's own Ctrl-C handler instead exits
-the process with status 0 and stays installed after `fit()`.
+Ray's Train controller unpickles the policy, so this module imports nothing heavy (no torch).
 """
 from __future__ import annotations
 
 import json
-import signal
 import time
-from pathlib import Path
 
-import ray
-from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy
 from ray.train.v2._internal.execution.failure_handling.failure_policy import FailureDecision
-from ray.train.v2._internal.execution.scaling_policy import create_scaling_policy
-from ray.train.v2._internal.util import ObjectRefWrapper
 from ray.train.v2.api.exceptions import WorkerGroupError
 
 from metacorrect.config import ConfigError
-from metacorrect.datasets.contract import DataError, first_line, unwrapped
+from metacorrect.errors import DataError, first_line, unwrapped
 
 FAILURES_FILE = "failures.jsonl"
 
@@ -34,10 +26,6 @@ FAILURES_FILE = "failures.jsonl"
 # that survive a peer's death, and those runs should resume.
 DETERMINISTIC = (DataError, ConfigError, ValueError, TypeError, LookupError, AttributeError, NameError,
                  ArithmeticError, AssertionError, NotImplementedError, ImportError, SyntaxError)
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread like Ctrl-C so the run is closed as KILLED."""
 
 
 def is_deterministic(error: BaseException) -> bool:
@@ -85,57 +73,3 @@ class RetryTransientFailures(DefaultFailurePolicy):
                  "errors": {str(rank): one_line(e) for rank, e in errors.items()}}
         with open(self.journal, "a") as f:
             f.write(json.dumps(entry) + "\n")
-
-
-class Trainer(TorchTrainer):
-    """`TorchTrainer` with the failure policy and interrupt handling above (Ray 2.60's `fit`, otherwise as is)."""
-
-    def __init__(self, *args, journal: str | Path | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._journal = str(journal) if journal else None
-        self._controller = None
-        self._signal: int | None = None
-
-    def fit(self):
-        if self.running_in_local_mode:  # the loop runs in this process: nothing to retry or abort
-            return super().fit()
-        handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            result = self._initialize_and_run_controller(
-                train_fn_ref=ObjectRefWrapper(self._get_train_func()),
-                scaling_policy=create_scaling_policy(self.scaling_config),
-                failure_policy=RetryTransientFailures(self.run_config.failure_config, self._journal),
-                train_run_context=self.train_run_context,
-                callbacks=self._create_default_callbacks(),
-                validation_config=self.validation_config)
-        except KeyboardInterrupt:
-            self._abort()
-            if self._signal == signal.SIGTERM:  # Ray re-raises what our handler raised as a plain interrupt
-                raise Terminated() from None
-            raise
-        finally:
-            if self._controller is not None:
-                for sig, handler in handlers.items():
-                    signal.signal(sig, handler)
-        if result.error:
-            raise result.error
-        return result
-
-    def _register_sigint_handler(self, controller) -> None:
-        """Called by Ray in the main thread once the controller exists: Ctrl-C and SIGTERM interrupt `fit`."""
-        self._controller = controller
-
-        def interrupt(signum, frame):
-            self._signal = signum
-            raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
-
-        signal.signal(signal.SIGINT, interrupt)
-        signal.signal(signal.SIGTERM, interrupt)
-
-    def _abort(self) -> None:
-        if self._controller is None:
-            return
-        try:
-            ray.get(self._controller.abort.remote(), timeout=60)
-        except Exception:  # the controller exits while answering (ray.actor.exit_actor)
-            pass

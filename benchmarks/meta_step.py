@@ -129,7 +129,7 @@ def measure(args, name: str, k: int, mode: str, device: torch.device, data) -> t
                 block()
             times = [block() for _ in range(args.steps)]
         peak = (rss.peak - rss.base) / 2**20
-    del method, model, opt
+    method = model = opt = None  # free them before the heap is trimmed
     if cuda:
         torch.cuda.empty_cache()
     trim_heap()

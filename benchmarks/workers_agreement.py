@@ -28,15 +28,12 @@ from metacorrect.methods import METHODS  # noqa: E402
 from metacorrect.platform.results import agreement  # noqa: E402
 from metacorrect.platform.trainer import run  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+from digits_accuracy import config_file  # noqa: E402  (this folder: the digits config of each method)
+
 # Settings the test uses too: few epochs and a narrow model, with the label methods' steps raised (and MSLG's
 # warm-up shortened) so that their label tables move within those epochs (at the digits configs' own label
 # learning rates they start moving after ~8 epochs).
 EXTRA = {"mslg": ["method.warmup_epochs=1", "method.label_lr=20000"], "soft_labels": ["method.label_lr=10000"]}
-
-
-def config_file(method: str) -> Path:
-    return ROOT / "configs" / ("digits_demo.yaml" if method in ("erm", "clean_only") else f"digits_{method}.yaml")
 
 
 def method_overrides(method: str, common: list[str]) -> list[str]:

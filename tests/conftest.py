@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # tests share the benchmarks' settings
 
 
 @pytest.fixture
@@ -83,3 +86,76 @@ def experiment(workdir, tracking_uri):
         return cfg.with_overrides([f"{k.replace('__', '.')}={v}" for k, v in overrides.items()])
 
     return make
+
+
+DIGITS_SETTINGS = {"sym60": "symmetric:0.6", "sym40": "symmetric:0.4", "pair40": "pair:0.4"}
+ACCURACY_EPOCHS = 15  # one budget for every method; benchmarks/digits_accuracy.py measures it over 5 seeds
+
+
+@pytest.fixture(scope="session")
+def digits_runs(ray_cluster, digits_noisy, workdir, tracking_uri):
+    """`get(setting, method, epochs=15)`: that method's digits config trained on digits with that noise (seed 0,
+    the loop in the driver, fixed block order), run once per session and shared by the end-to-end files."""
+    from digits_accuracy import config_file  # benchmarks/: each method's digits config
+
+    from metacorrect.config import ExperimentConfig
+    from metacorrect.datasets.prepare import prepare
+    from metacorrect.platform.trainer import run
+
+    cache = {}
+
+    def get(setting: str, method: str, epochs: int = ACCURACY_EPOCHS):
+        if (setting, method, epochs) not in cache:
+            data = digits_noisy if setting == "sym60" else workdir / "data" / f"digits-{setting}"
+            if not data.exists():
+                prepare("digits", data, noise=DIGITS_SETTINGS[setting], clean_per_class=10, seed=0, progress=False)
+            overrides = [f"data.path={data}", f"train.epochs={epochs}", "resources.num_workers=0",
+                         "data.deterministic=true", f"tracking.uri={tracking_uri}",
+                         f"tracking.storage_path={workdir / 'runs'}", "tracking.experiment=tests-e2e"]
+            overrides += ["method.name=clean_only"] if method == "clean_only" else []
+            cache[setting, method, epochs] = run(ExperimentConfig.from_yaml(config_file(method), overrides),
+                                                 progress=False)
+        return cache[setting, method, epochs]
+
+    return get
+
+
+WORKERS_EPOCHS = 4  # tests/test_workers_e2e.py and benchmarks/workers_agreement.py
+
+
+@pytest.fixture(scope="session")
+def erm_two_workers_one_killed(ray_cluster, digits_noisy, workdir, tracking_uri):
+    """erm on two Ray Train workers with test_workers_e2e's settings, one worker SIGKILLed by pid once epoch 2's
+    checkpoint is written: Ray retries from the last commit. The fault test checks the retry and the records,
+    test_workers_e2e uses it as erm's two-worker run (a retried run must still learn what one worker learns)."""
+    import signal
+    import threading
+    import time
+
+    from ray.util.state import list_actors
+    from workers_agreement import config_file, method_overrides
+
+    from metacorrect.config import ExperimentConfig
+    from metacorrect.platform.trainer import run
+
+    storage = workdir / "runs"
+    common = [f"data.path={digits_noisy}", f"train.epochs={WORKERS_EPOCHS}", "model.width=16",
+              f"tracking.uri={tracking_uri}", f"tracking.storage_path={storage}", "tracking.experiment=tests-workers",
+              "tracking.run_name=erm-one-worker-killed", "resources.num_workers=2"]
+    cfg = ExperimentConfig.from_yaml(config_file("erm"), method_overrides("erm", common))
+    run_dir = storage / "erm-one-worker-killed"
+    outcome = {}
+    driver = threading.Thread(target=lambda: outcome.update(result=run(cfg, progress=False)))
+    driver.start()
+    killed = None
+    try:
+        deadline = time.time() + 240
+        while not (run_dir / "checkpoint_epoch0002").exists():
+            assert driver.is_alive() and time.time() < deadline, "epoch 2 was never checkpointed"
+            time.sleep(0.01)
+        workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+        killed = workers[-1]["pid"]
+        os.kill(killed, signal.SIGKILL)  # one worker: the other sees a collective error
+    finally:
+        driver.join(timeout=300)
+    return outcome["result"], run_dir, killed

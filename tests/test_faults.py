@@ -9,17 +9,15 @@ import json
 import os
 import shutil
 import signal
-import threading
-import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import WORKERS_EPOCHS as EPOCHS  # the killed-worker run is shared with test_workers_e2e
 from procs import start_cli, stop_group, wait_until
 
-EPOCHS = 4
 STOPPED_EPOCHS = 6  # room for three stops: a stop reaches the driver an epoch or so after the signal
 # One worker, fixed block order and one thread: a run is bit-identical to itself, so a resumed history must
 # equal an uninterrupted one exactly. `cpus_per_worker` keeps the thread count off the cluster's size.
@@ -117,35 +115,12 @@ def test_driver_stopped_three_ways_then_resumed_logs_each_epoch_once_as_an_unint
 
 
 @pytest.mark.slow
-def test_a_killed_worker_is_retried_from_the_last_commit_and_every_epoch_is_logged_once(
-        ray_cluster, digits_noisy, tmp_path):
-    from ray.util.state import list_actors
-
-    from metacorrect.config import ExperimentConfig
-    from metacorrect.platform.trainer import run
-
-    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
-    run_dir = tmp_path / "runs" / "worker-killed"
-    cfg = ExperimentConfig.from_yaml("configs/digits_demo.yaml", [
-        f"data.path={digits_noisy}", f"tracking.uri={uri}", f"tracking.storage_path={tmp_path / 'runs'}",
-        "tracking.run_name=worker-killed", "resources.num_workers=2", "model.width=8", f"train.epochs={EPOCHS}",
-        "tracking.experiment=faults"])
-    outcome = {}
-    driver = threading.Thread(target=lambda: outcome.update(result=run(cfg, progress=False)))
-    driver.start()
-    try:
-        deadline = time.time() + 240
-        while not (run_dir / "checkpoint_epoch0002").exists():
-            assert driver.is_alive() and time.time() < deadline, "epoch 2 was never checkpointed"
-            time.sleep(0.01)
-        workers = [a for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
-        assert len(workers) == 2
-        os.kill(workers[1]["pid"], signal.SIGKILL)  # one worker: the other sees a collective error
-    finally:
-        driver.join(timeout=300)
-    result = outcome["result"]
-    assert [s for s, _ in _history(uri, result.mlflow_run_id)] == list(range(1, EPOCHS + 1))
-    assert [s for s, _ in _history(uri, result.mlflow_run_id, "epoch")] == list(range(1, EPOCHS + 1))
+def test_a_killed_worker_is_retried_from_the_last_commit_and_every_epoch_is_logged_once(erm_two_workers_one_killed):
+    result, run_dir, killed = erm_two_workers_one_killed
+    assert killed, "a worker was killed"
+    uri = result.tracking_uri
+    for key in ("val_accuracy", "epoch"):
+        assert [s for s, _ in _history(uri, result.mlflow_run_id, key)] == list(range(1, EPOCHS + 1)), key
     assert _client(uri).get_run(result.mlflow_run_id).info.status == "FINISHED"
     decisions = [json.loads(line) for line in (run_dir / "failures.jsonl").read_text().splitlines()]
     assert [d["decision"] for d in decisions] == ["retry"] and not decisions[0]["deterministic"], decisions

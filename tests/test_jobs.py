@@ -50,15 +50,17 @@ def _wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -
     raise TimeoutError(f"{url} did not answer within {timeout}s")
 
 
-@pytest.fixture
-def ray_head(monkeypatch):
+@pytest.fixture(scope="module")
+def ray_head():
     """A one-node Ray cluster of its own (ports and temp dir apart from the session's cluster) with token
-    authentication on and a token of its own, which this test's clients find through RAY_AUTH_TOKEN_PATH."""
+    authentication on and a token of its own, which this module's clients find through RAY_AUTH_TOKEN_PATH.
+    One per module: a head costs ~30 s to start and stop here."""
     gcs, dashboard, client, agent, agent_grpc, metrics, env_agent = _free_ports(7)
     temp_dir = tempfile.mkdtemp(prefix="mcray", dir="/tmp")  # short: Ray's socket paths have a length limit
     token = Path(temp_dir) / "auth_token"
     token.write_text(secrets.token_hex(32))
-    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token))
+    previous = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(token)
     env = os.environ | {"PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
     start = subprocess.Popen(
@@ -77,6 +79,10 @@ def ray_head(monkeypatch):
     finally:
         stop_group(start.pid)  # every process of this head stays in the group of `ray start`
         shutil.rmtree(temp_dir, ignore_errors=True)
+        if previous is None:
+            os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
+        else:
+            os.environ["RAY_AUTH_TOKEN_PATH"] = previous
 
 
 @pytest.fixture

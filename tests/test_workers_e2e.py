@@ -3,33 +3,40 @@ Train workers and on one (the loop in the driver), 4 epochs of digits with 60% s
 what run-to-run noise allows: `benchmarks/workers_agreement.py` measures, with the same settings, how far two
 one-worker runs of different seeds end apart, and the bounds below hold that with room (README "Workers").
 
-The two-worker erm and clean_only runs are also the check that a multi-worker run logs everything to MLflow."""
+The two-worker erm and clean_only runs are also the check that a multi-worker run logs everything to MLflow.
+The exact two-workers-equal-one property of each step is tested with two gloo ranks in the methods' own test
+files, and the global batches behind it in test_global_batches.py."""
 from __future__ import annotations
-
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from workers_agreement import config_file, method_overrides  # noqa: E402  (the settings the bounds were measured with)
+from conftest import WORKERS_EPOCHS
+from workers_agreement import config_file, method_overrides  # the settings the bounds were measured with
 
 pytestmark = pytest.mark.slow
 
-EPOCHS = 4
+EPOCHS = WORKERS_EPOCHS
 METHODS = ("erm", "clean_only", "mlc", "emlc", "mslg", "soft_labels", "ieg", "mwnet", "l2rw")
-# Largest |test accuracy (2 workers) - test accuracy (1 worker)|, smallest share of equal corrected labels and
-# smallest correlation of per-sample weights (README "Workers" has the measured run-to-run noise behind these).
-MAX_ACCURACY_GAP = 0.12
-MIN_LABEL_AGREEMENT = 0.80
-MIN_WEIGHT_CORRELATION = 0.60
+# Bounds on |two workers - one worker| of each method's final test accuracy, corrected labels' accuracy and mean
+# weights of clean / corrupted samples: twice the largest difference that benchmarks/workers_agreement.py
+# measured at these settings (3 seeds, twice) between two one-worker runs of different seeds or between a
+# two-worker run and its one-worker run, at least 0.05 (README "Two workers and one"). Four epochs are early
+# in training for the slow learners (IEG is at 0.3-0.65), whose bounds are correspondingly wide.
+BOUNDS = {
+    "erm": {"test_accuracy": 0.05}, "clean_only": {"test_accuracy": 0.05},
+    "mlc": {"test_accuracy": 0.32, "corrected_accuracy": 0.30},
+    "emlc": {"test_accuracy": 0.21, "corrected_accuracy": 0.12},
+    "mslg": {"test_accuracy": 0.17, "corrected_accuracy": 0.21},
+    "soft_labels": {"test_accuracy": 0.21, "corrected_accuracy": 0.06},
+    "ieg": {"test_accuracy": 0.70, "weight_mean_clean": 0.79, "weight_mean_corrupted": 0.52},
+    "mwnet": {"test_accuracy": 0.18, "weight_mean_clean": 0.10, "weight_mean_corrupted": 0.11},
+    "l2rw": {"test_accuracy": 0.19, "weight_mean_clean": 0.14, "weight_mean_corrupted": 0.09},
+}
 NOISY_ROWS = 1138
 
 
 @pytest.fixture(scope="module")
-def runs(ray_cluster, digits_noisy, workdir, tracking_uri):
+def runs(ray_cluster, digits_noisy, workdir, tracking_uri, erm_two_workers_one_killed):
     from metacorrect.config import ExperimentConfig
     from metacorrect.platform.trainer import run
 
@@ -38,8 +45,11 @@ def runs(ray_cluster, digits_noisy, workdir, tracking_uri):
     out = {}
     for method in METHODS:
         cfg = ExperimentConfig.from_yaml(config_file(method), method_overrides(method, common))
-        out[method] = (run(cfg.with_overrides(["resources.num_workers=0", "data.deterministic=true"]), progress=False),
-                       run(cfg.with_overrides(["resources.num_workers=2"]), progress=False))
+        one = run(cfg.with_overrides(["resources.num_workers=0", "data.deterministic=true"]), progress=False)
+        # erm's two-worker run had a worker killed and retried (conftest): it must still learn what one learns.
+        two = erm_two_workers_one_killed[0] if method == "erm" else run(
+            cfg.with_overrides(["resources.num_workers=2"]), progress=False)
+        out[method] = (one, two)
     return out
 
 
@@ -52,16 +62,10 @@ def test_two_workers_learn_what_one_worker_learns(runs, method):
         "the same global batches: 17 of 64 rows and one of 50, every epoch"
     assert all(h["noisy_rows_seen"] == NOISY_ROWS for h in two.history)
     gap = agreement(two, one)
-    assert gap["test_accuracy_diff"] <= MAX_ACCURACY_GAP, (method, one.metrics["test_accuracy"],
-                                                            two.metrics["test_accuracy"])
-    if "label_agreement" in gap:
-        assert gap["label_agreement"] >= MIN_LABEL_AGREEMENT, (method, gap)
-    if "weight_correlation" in gap:
-        assert gap["weight_correlation"] >= MIN_WEIGHT_CORRELATION, (method, gap)
-    expected = {"mlc": "label", "emlc": "label", "mslg": "label", "soft_labels": "label", "ieg": "weight",
-                "mwnet": "weight", "l2rw": "weight"}.get(method)
-    assert [k.split("_")[0] for k in gap if k in ("label_agreement", "weight_correlation")] == (
-        [expected] if expected else []), gap
+    compared = {k.removesuffix("_diff"): v for k, v in gap.items() if k.endswith("_diff") and k != "val_accuracy_diff"}
+    assert set(compared) == set(BOUNDS[method]), (method, gap)  # the method's own state is compared too
+    for key, bound in BOUNDS[method].items():
+        assert compared[key] <= bound, (method, key, one.metrics[key], two.metrics[key], bound)
 
 
 @pytest.mark.parametrize("method", ["erm", "clean_only"])

@@ -59,19 +59,22 @@ class RunRecords:
     def restore(self, device: torch.device | str) -> dict[str, Any] | None:
         """The committed state to continue from (None for a fresh run); rank 0 removes uncommitted checkpoint
         directories and logs committed epochs that MLflow lacks."""
-        directory = self._latest_committed()
-        state = ckpt.load_state(directory, device) if directory else None
+        checkpoint = self._latest_committed()
+        state = None
+        if checkpoint is not None:
+            with checkpoint.as_directory() as directory:
+                state = ckpt.load_state(directory, device)
         if self.rank == 0:
             self._remove_uncommitted()
-            self._log_missing((state or {}).get("history", []))
+            if state:  # a fresh run has nothing to catch up on (and need not wait for MLflow's import here)
+                self._log_missing(state["history"])
         return state
 
-    def _latest_committed(self) -> Path | None:
+    def _latest_committed(self) -> ray.train.Checkpoint | None:
         if self.local_root:
             found = sorted(self.local_root.glob(f"{PREFIX}*")) if self.local_root.is_dir() else []
-            return found[-1] if found else None
-        checkpoint = ray.train.get_checkpoint()
-        return Path(checkpoint.path) if checkpoint else None
+            return ray.train.Checkpoint.from_directory(str(found[-1])) if found else None
+        return ray.train.get_checkpoint()
 
     def _remove_uncommitted(self) -> None:
         if self.local_root:

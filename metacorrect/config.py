@@ -122,10 +122,20 @@ class TrainConfig:
     eval_batch_size: int = 512
     seed: int = 0
     eval_noisy_train: bool = True  # per-epoch label recovery of the model on the noisy set
+    # Steps between checkpoints inside an epoch (0: at epoch ends only). A run resumes from the latest one,
+    # mid-epoch: the rest of that epoch trains on exactly the noisy ids it had not trained on yet.
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2  # the latest checkpoints kept on disk (the best epoch's model is kept apart)
+    # Steps between step metrics (loss, lr, samples/s, the method's own) in MLflow, at the global step; they
+    # reach MLflow with the checkpoint that covers them (0: none).
+    log_every: int = 50
+    trace_ids_dir: str | None = None  # debugging: every rank appends the ids each step trains on (JSON lines)
 
     def validate(self) -> list[str]:
         return field_problems("train", self, {"epochs": AT_LEAST_ONE, "batch_size": AT_LEAST_ONE,
-                                              "clean_batch_size": AT_LEAST_ONE, "eval_batch_size": AT_LEAST_ONE})
+                                              "clean_batch_size": AT_LEAST_ONE, "eval_batch_size": AT_LEAST_ONE,
+                                              "checkpoint_every": NON_NEGATIVE, "keep_checkpoints": AT_LEAST_ONE,
+                                              "log_every": NON_NEGATIVE})
 
 
 @dataclass

@@ -64,18 +64,43 @@ class CleanCycle:
 
     def start_epoch(self, epoch: int) -> None:
         """Restart at a pass seeded by the epoch, so a resumed run draws the same clean batches."""
-        self.epoch, self.passes = epoch, 0
+        self.epoch, self.passes, self.drawn = epoch, 0, 0
         self._it: Iterator | None = None
+
+    def position(self) -> tuple[int, int]:
+        """(passes started this epoch, batches drawn from the current one): where `seek` comes back to."""
+        return self.passes, self.drawn
+
+    def seek(self, passes: int, drawn: int) -> None:
+        """Continue where `position()` was taken (in the same epoch). The skipped batches are not augmented,
+        so no random number is drawn for them."""
+        self.passes, self.drawn, self._it = max(passes - 1, 0), 0, None
+        if passes:
+            self._open()
+            for _ in range(drawn):
+                next(self._it)
+            self.drawn = drawn
+
+    def template(self) -> Batch:
+        """A clean batch as it comes, for its shapes: the cycle's position and the generators are untouched."""
+        raw = next(iter(iterate(self.shard, self.batch_size, self.device)), None)
+        if raw is None:
+            raise RuntimeError("the clean (meta) split is empty; prepare the data set with --clean-per-class > 0")
+        return to_batch(raw, self.norm)[0]
+
+    def _open(self) -> None:
+        self._it = iter(iterate(self.shard, self.batch_size, self.device, shuffle_buffer=4096,
+                                seed=self.seed + 1000 * self.epoch + self.passes, drop_last=self.drop_last))
+        self.passes += 1
+        self.drawn = 0
 
     def __next__(self) -> Batch:
         for _ in range(2):
             if self._it is None:
-                self._it = iter(iterate(self.shard, self.batch_size, self.device, shuffle_buffer=4096,
-                                        seed=self.seed + 1000 * self.epoch + self.passes,
-                                        drop_last=self.drop_last))
-                self.passes += 1
+                self._open()
             raw = next(self._it, None)
             if raw is not None:
+                self.drawn += 1
                 return to_batch(raw, self.norm, self.augment)[0]
             self._it = None
         raise RuntimeError("the clean (meta) split is empty; prepare the data set with --clean-per-class > 0")

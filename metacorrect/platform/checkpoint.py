@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -12,19 +11,13 @@ import torch
 STATE_FILE = "state.pt"
 MODEL_FILE = "model.pt"
 HISTORY_FILE = "history.json"
+STEPS_FILE = "step_history.json"  # the step metrics rows (train.log_every) of the whole run
 
 
 CORRECTED_FILE = "corrected_labels.parquet"
 EXPORTS_FILE = "method_exports.json"  # names of the files the method exported (Method.export_files)
 WEIGHTS_FILE = "sample_weights.parquet"
 LABEL_TRANSITION_FILE = "label_transition.json"
-
-
-def save_state(state: dict[str, Any], extras: dict[str, bytes] | None = None) -> Path:
-    """Write into a fresh temporary directory (Ray copies it into the run directory; the caller deletes it)."""
-    directory = Path(tempfile.mkdtemp(prefix=f"checkpoint_epoch{state['epoch']:04d}_"))
-    write_state(directory, state, extras)
-    return directory
 
 
 def write_state(directory: Path, state: dict[str, Any], extras: dict[str, bytes] | None = None) -> None:
@@ -36,6 +29,7 @@ def write_state(directory: Path, state: dict[str, Any], extras: dict[str, bytes]
     torch.save(state["model"], directory / MODEL_FILE)
     # Per-epoch metrics of the whole run (also across resumes), readable without unpickling tensors.
     (directory / HISTORY_FILE).write_text(json.dumps(state["history"]))
+    (directory / STEPS_FILE).write_text(json.dumps(state.get("step_history", [])))
 
 
 def load_state(directory: str | Path, device: torch.device | str = "cpu") -> dict[str, Any]:
@@ -79,6 +73,11 @@ def sample_weights_parquet(weights: Any) -> bytes:
 
 def load_history(directory: str | Path) -> list[dict[str, float]]:
     path = Path(directory) / HISTORY_FILE
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def load_step_history(directory: str | Path) -> list[dict[str, float]]:
+    path = Path(directory) / STEPS_FILE
     return json.loads(path.read_text()) if path.is_file() else []
 
 

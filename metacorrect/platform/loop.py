@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,7 +26,8 @@ from metacorrect.platform.batches import CleanCycle, Normaliser, empty_rows, ite
 from metacorrect.platform.collective import Collective
 from metacorrect.platform.evaluate import evaluate, evaluate_noisy
 from metacorrect.platform.global_batches import global_batches
-from metacorrect.platform.records import RunRecords
+from metacorrect.platform.epoch_position import ConsumedIds, EpochSums, read_positions, set_rng_state, write_position
+from metacorrect.platform.records import MID_EPOCH, STEP_KEY, RunRecords, checkpoint_name
 
 
 @dataclass
@@ -76,86 +78,174 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     method = METHODS[cfg.method.name](cfg, model, optimizer, meta.num_classes, meta.counts["noisy_train"], collective,
                                       image_shape=tuple(meta.image_shape))
 
-    records = RunRecords(run.run_dir, run.tracking_uri, run.mlflow_run_id, rank, run.local_checkpoints)
-    start_epoch, best, history = 0, {}, []
+    train = cfg.train
+    records = RunRecords(run.run_dir, run.tracking_uri, run.mlflow_run_id, rank, run.local_checkpoints,
+                         keep=train.keep_checkpoints)
+    at = Position()
+    best, history, step_history = {}, [], []
+    resumed = None
     state = records.restore(device)
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         method.load_state_dict(state["method"])
-        start_epoch, best, history = state["epoch"], state["best"], state["history"]
+        best, history, step_history = state["best"], state["history"], state.get("step_history", [])
+        at = Position(state["epoch"], state.get("steps_in_epoch", 0),
+                      state.get("global_step", sum(int(h["steps"]) for h in history)))
+        if at.steps_in_epoch:
+            resumed = read_positions(state["positions"], rank, world, meta.counts["noisy_train"], device)
         if rank == 0 and run.progress:
-            print(f"[metacorrect] resumed from the checkpoint of epoch {start_epoch}")
+            print(f"[metacorrect] resumed from the checkpoint of epoch {at.epoch}"
+                  + (f", step {at.steps_in_epoch} of epoch {at.epoch + 1}" if at.steps_in_epoch else ""))
 
-    local_bs = cfg.train.batch_size // world
-    clean = CleanCycle(ray.train.get_dataset_shard("clean"), cfg.train.clean_batch_size // world, device, norm,
+    local_bs = train.batch_size // world
+    clean = CleanCycle(ray.train.get_dataset_shard("clean"), train.clean_batch_size // world, device, norm,
                        meta.counts["clean_train"], seed=seed * 7919 + rank * 104729, augment=cfg.data.augment)
     noisy_shard = ray.train.get_dataset_shard("noisy")
     template = empty_rows(meta, device)
-    for epoch in range(start_epoch, cfg.train.epochs):
+    trace = _IdTrace(train.trace_ids_dir, rank)
+
+    def snapshot(epoch: int) -> dict[str, Any] | None:
+        if rank != 0:
+            return None
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "method": method.state_dict(), "epoch": epoch,
+                "steps_in_epoch": at.steps_in_epoch, "global_step": at.global_step, "best": best,
+                "history": history, "step_history": step_history, "config": cfg.to_dict()}
+
+    for epoch in range(at.epoch, train.epochs):
         _seed_everything(seed + 1000 * epoch + rank)  # per epoch, so a resumed run repeats the same draws
         clean.start_epoch(epoch)
         started = time.time()
         stream = iterate(noisy_shard, local_bs, device, cfg.data.shuffle_buffer, seed=seed * 1000 + epoch * 31 + rank)
+        consumed, sums = ConsumedIds(meta.counts["noisy_train"], device), EpochSums()
+        if resumed is not None:  # the rest of an epoch a step checkpoint stopped in
+            consumed, sums = resumed.consumed, resumed.sums
+            stream = consumed.skip(stream)
+            last = clean.template()  # shapes for a stand-in; draws no batch and no random number
+            if resumed.clean_position is not None:
+                clean.seek(*resumed.clean_position)
+            if resumed.rng is not None:  # the same world size: continue its generators exactly
+                set_rng_state(resumed.rng)
+            resumed = None
+        else:
+            at.steps_in_epoch = 0
+            last = next(clean)  # shapes for a stand-in before this worker has had rows of its own
         method.start_epoch(epoch)
-        metrics = _train_epoch(method, global_batches(stream, cfg.train.batch_size, collective, template), clean,
-                               collective, device,
-                               lambda raw: to_batch(raw, norm, cfg.data.augment, method.strong_views,
-                                                    method.strong_augment)[0])
+        window = StepWindow(started)
+        make_batch = (lambda raw: to_batch(raw, norm, cfg.data.augment, method.strong_views,
+                                           method.strong_augment)[0])
+        method.model.train()
+        checkpointed = at.global_step
+        for raw in global_batches(stream, train.batch_size, collective, template):
+            if train.checkpoint_every and at.global_step % train.checkpoint_every == 0 \
+                    and at.global_step != checkpointed:  # before the next step: never at an epoch's end
+                name = checkpoint_name(epoch, at.steps_in_epoch)
+                records.commit(name, {"epoch": epoch, "global_step": at.global_step, MID_EPOCH: 1},
+                               snapshot(epoch), position=lambda d: write_position(
+                                   d, rank, consumed, sums, clean.position()),
+                               rows=window.take_logged())
+                checkpointed = at.global_step
+            # A worker with no rows in a step (the epoch's last step can hold fewer rows than there are
+            # workers) still steps, on a stand-in batch of weight 0: every step's collectives need every worker.
+            noisy = replace(last, weight=0.0) if raw is None else make_batch(raw)
+            if raw is not None:
+                last = noisy
+                consumed.mark(noisy.ids)
+            trace.write(epoch, at.global_step + 1, noisy)
+            out = method.step(noisy, next(clean))
+            sums.add(out, noisy.weight)
+            window.add(out, noisy.weight)
+            at.steps_in_epoch += 1
+            at.global_step += 1
+            if train.log_every and at.global_step % train.log_every == 0:
+                row = window.reduce(collective, device, at.global_step, optimizer.param_groups[0]["lr"])
+                step_history.append(row)
+        metrics = _reduce(sums, collective, device) | {"steps": at.steps_in_epoch}
         train_time = time.time() - started
         scheduler.step()
         collective.sync_module_(model)  # identical BN running stats on every replica before eval/checkpoint
         evaluated, extras = _evaluate_epoch(cfg, method, meta, norm, collective, device, rank,
-                                            last=epoch + 1 == cfg.train.epochs)
+                                            last=epoch + 1 == train.epochs)
         metrics |= evaluated
+        improved = False
         for prefix in [""] + [f"{name}_" for name in method.eval_models()]:  # the student, then e.g. IEG's EMA
             if metrics.get(f"{prefix}val_accuracy", -1.0) > best.get(f"{prefix}best_val_accuracy", -1.0):
                 best |= {f"{prefix}best_val_accuracy": metrics[f"{prefix}val_accuracy"],
                          f"{prefix}test_at_best_val": metrics.get(f"{prefix}test_accuracy", math.nan),
                          f"{prefix}best_epoch": epoch + 1}
+                improved = improved or not prefix
         metrics |= best | {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
                            "epoch_time_s": time.time() - started,
                            "train_samples_per_s": metrics["noisy_rows_seen"] / max(train_time, 1e-9)}
         history.append(metrics)
         if rank == 0 and run.progress:
             print("[metacorrect] " + _progress_line(cfg, metrics))
-        state = None
-        if rank == 0:
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "method": method.state_dict(), "epoch": epoch + 1,
-                     "best": best, "history": history, "config": cfg.to_dict()}
-        records.commit(epoch + 1, metrics, state, extras)
+        at.steps_in_epoch = 0
+        records.commit(checkpoint_name(epoch + 1), metrics, snapshot(epoch + 1), extras,
+                       rows=window.take_logged() + [(epoch + 1, metrics)], best=improved)
     records.close()
 
 
-def _train_epoch(method, rows, clean: CleanCycle, collective: Collective, device,
-                 make_batch: Callable[[dict[str, torch.Tensor]], Batch]) -> dict[str, float]:
-    """One epoch of global batches; step metrics averaged over the rows that count.
+@dataclass
+class Position:
+    epoch: int = 0  # epochs completed
+    steps_in_epoch: int = 0  # steps trained in the current epoch
+    global_step: int = 0
 
-    A worker with no rows in a step (the epoch's last step can hold fewer rows than there are workers) still
-    steps, on a stand-in batch of weight 0, because every step's collectives need every worker."""
-    method.model.train()
-    sums: dict[str, float] = {}  # per key: sum of value x rows, and rows (a key may skip steps)
-    counted: dict[str, float] = {}
-    weight, steps = 0.0, 0
-    last = next(clean)  # shapes for a stand-in before this worker has had rows of its own
-    for raw in rows:
-        if raw is None:
-            noisy = replace(last, weight=0.0)
-        else:
-            noisy = last = make_batch(raw)
-        out = method.step(noisy, next(clean))
-        steps += 1
-        for k, v in out.items():
-            sums[k] = sums.get(k, 0.0) + v * noisy.weight
-            counted[k] = counted.get(k, 0.0) + noisy.weight
-        weight += noisy.weight
-    keys = collective.union(set(sums))  # the same keys, in order, on every worker
-    totals = collective.sum(torch.tensor([sums.get(k, 0.0) for k in keys] + [counted.get(k, 0.0) for k in keys]
-                                         + [weight], dtype=torch.float64, device=device))
-    metrics = {k: float(totals[i] / totals[len(keys) + i]) for i, k in enumerate(keys) if totals[len(keys) + i] > 0}
-    return metrics | {"steps": steps, "noisy_rows_seen": int(totals[-1])}
+
+class StepWindow:
+    """The step metrics since the last logged step, and the logged rows not yet handed to a checkpoint."""
+
+    def __init__(self, started: float):
+        self.sums, self.since, self.steps = EpochSums(), started, 0
+        self.logged: list[tuple[int, dict[str, float]]] = []
+
+    def add(self, out: dict[str, float], weight: float) -> None:
+        self.sums.add(out, weight)
+        self.steps += 1
+
+    def reduce(self, collective: Collective, device, global_step: int, lr: float) -> dict[str, float]:
+        """The window's metrics over every worker, as a step row (also kept for the next checkpoint)."""
+        totals = _reduce(self.sums, collective, device)
+        now = time.time()
+        row = {f"step/{k}": v for k, v in totals.items() if k != "noisy_rows_seen"}
+        row |= {"step/lr": lr, STEP_KEY: totals["noisy_rows_seen"] / max(now - self.since, 1e-9),
+                "global_step": global_step}
+        self.logged.append((global_step, {k: v for k, v in row.items() if k != "global_step"}))
+        self.sums, self.since, self.steps = EpochSums(), now, 0
+        return row
+
+    def take_logged(self) -> list[tuple[int, dict[str, float]]]:
+        rows, self.logged = self.logged, []
+        return rows
+
+
+def _reduce(sums: EpochSums, collective: Collective, device) -> dict[str, float]:
+    """Row-weighted means of the step metrics over every worker, and the rows that counted."""
+    keys = collective.union(set(sums.sums))  # the same keys, in order, on every worker
+    totals = collective.sum(torch.tensor([sums.sums.get(k, 0.0) for k in keys]
+                                         + [sums.counted.get(k, 0.0) for k in keys] + [sums.weight],
+                                         dtype=torch.float64, device=device))
+    out = {k: float(totals[i] / totals[len(keys) + i]) for i, k in enumerate(keys) if totals[len(keys) + i] > 0}
+    return out | {"noisy_rows_seen": int(totals[-1])}
+
+
+class _IdTrace:
+    """`train.trace_ids_dir`: every rank appends {epoch, step, ids} per step (auditing which rows trained)."""
+
+    def __init__(self, directory: str | None, rank: int):
+        self.file = None
+        if directory:
+            Path(directory).mkdir(parents=True, exist_ok=True)
+            self.file = open(Path(directory) / f"ids-rank{rank}-pid{os.getpid()}.jsonl", "a")
+
+    def write(self, epoch: int, step: int, batch: Batch) -> None:
+        if self.file is not None:
+            ids = batch.ids.tolist() if batch.weight else []
+            self.file.write(json.dumps({"epoch": epoch, "step": step, "ids": ids}) + "\n")
+            self.file.flush()
 
 
 def _evaluate_epoch(cfg: ExperimentConfig, method, meta, norm: Normaliser, collective: Collective, device,

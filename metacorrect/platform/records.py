@@ -1,4 +1,5 @@
-"""A run's records made transactional: an epoch reaches MLflow only once its checkpoint is committed.
+"""A run's records made transactional: an epoch's metrics, and the step metrics of the steps a checkpoint
+covers, reach MLflow only once that checkpoint is committed.
 
 Commit means: with Ray Train workers, Ray's checkpoint manager has registered the checkpoint and written its
 state to the run directory (what a restarted driver resumes from); in local mode (`num_workers: 0`), the
@@ -8,16 +9,19 @@ thread (Ray commits a report on its next poll of the workers, up to 2 s later, a
 On every start of the loop (a new run, a driver restarted with the same name, or a worker group restarted by
 Ray after a failure) the committed state is restored, checkpoint directories that were written but never
 committed are removed, and committed epochs that MLflow does not hold yet (the process died between commit
-and logging) are logged. So MLflow holds each epoch once, in order, and only epochs a resumed run continues
-from; its history is what an uninterrupted run would have logged.
+and logging) are logged. So MLflow holds each epoch and each logged step once, in order, and only work a
+resumed run continues from; its history is what an uninterrupted run would have logged. Mid-epoch checkpoints
+(`train.checkpoint_every`) carry every worker's position in the epoch (`epoch_position.py`).
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import ray.train
@@ -27,28 +31,52 @@ from metacorrect.platform import checkpoint as ckpt
 from metacorrect.platform import tracking
 
 PREFIX = "checkpoint_epoch"
+STEP_KEY = "step/samples_per_s"  # logged with every step row (its steps are the steps MLflow holds)
+MID_EPOCH = "mid_epoch"  # in the report of a mid-epoch checkpoint (sweeps forward only epoch reports to Tune)
+BEST_DIR = "best"  # run_dir/best: the best epoch's model by validation accuracy, apart from the kept checkpoints
 
 
-def checkpoint_name(epoch: int) -> str:
-    return f"{PREFIX}{epoch:04d}"
+def checkpoint_name(epoch: int, step_in_epoch: int = 0) -> str:
+    """`checkpoint_epoch0003` after 3 epochs; `checkpoint_epoch0003_step0000500` 500 steps into the 4th (names
+    sort in training order)."""
+    return f"{PREFIX}{epoch:04d}" + (f"_step{step_in_epoch:07d}" if step_in_epoch else "")
 
 
-def log_missing_epochs(uri: str, run_id: str, history: list[dict[str, float]]) -> int:
-    """Log the epochs of a committed `history` that the MLflow run does not hold yet (its `epoch` metric is
-    logged with every epoch, in the same batch as the others); returns how many."""
+def log_missing_epochs(uri: str, run_id: str, history: list[dict[str, float]],
+                       step_history: list[dict[str, float]] | None = None) -> int:
+    """Log the epochs of a committed `history` and the step rows of its `step_history` that the MLflow run does
+    not hold yet (`epoch` is logged with every epoch, `step/samples_per_s` with every step row, each in one
+    batch with the rest of its row); returns how many rows."""
     logged = tracking.logged_steps(uri, run_id, "epoch")
-    missing = [row for row in history if int(row["epoch"]) not in logged]
-    for row in missing:
-        tracking.log_metrics(uri, run_id, row, step=int(row["epoch"]))
-    return len(missing)
+    rows = [(int(row["epoch"]), row) for row in history if int(row["epoch"]) not in logged]
+    if step_history:
+        logged_steps = tracking.logged_steps(uri, run_id, STEP_KEY)
+        rows += [(int(row["global_step"]), _step_metrics(row)) for row in step_history
+                 if int(row["global_step"]) not in logged_steps]
+    tracking.log_rows(uri, run_id, rows)
+    return len(rows)
+
+
+def _step_metrics(row: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in row.items() if k != "global_step"}
+
+
+def load_positions(directory: str | Path) -> dict[int, dict[str, Any]]:
+    """Every worker's position file in a checkpoint directory, by rank ({} at an epoch end)."""
+    from metacorrect.platform.epoch_position import RANK_FILE
+
+    prefix = RANK_FILE.split("{")[0]
+    return {int(f.stem.removeprefix(prefix)): torch.load(f, weights_only=False)
+            for f in Path(directory).glob(RANK_FILE.format(rank="*"))}
 
 
 class RunRecords:
     """Checkpoints and MLflow metrics of one worker's training loop (only rank 0 writes)."""
 
     def __init__(self, run_dir: str | Path, tracking_uri: str, mlflow_run_id: str, rank: int,
-                 local_checkpoints: str | None = None):
+                 local_checkpoints: str | None = None, keep: int = 2):
         self.run_dir = Path(run_dir)
+        self.keep = keep
         self.uri, self.run_id, self.rank = tracking_uri, mlflow_run_id, rank
         self.local_root = Path(local_checkpoints) if local_checkpoints else None
         self._logger = ThreadPoolExecutor(1, thread_name_prefix="mlflow-log") if rank == 0 and not self.local_root \
@@ -57,17 +85,19 @@ class RunRecords:
 
     # ---- start -----------------------------------------------------------------------------------------
     def restore(self, device: torch.device | str) -> dict[str, Any] | None:
-        """The committed state to continue from (None for a fresh run); rank 0 removes uncommitted checkpoint
-        directories and logs committed epochs that MLflow lacks."""
+        """The committed state to continue from (None for a fresh run), with `positions`: every worker's position
+        file of a mid-epoch checkpoint, by rank. Rank 0 removes uncommitted checkpoint directories and logs
+        committed epochs and steps that MLflow lacks."""
         checkpoint = self._latest_committed()
         state = None
         if checkpoint is not None:
             with checkpoint.as_directory() as directory:
                 state = ckpt.load_state(directory, device)
+                state["positions"] = load_positions(directory)
         if self.rank == 0:
             self._remove_uncommitted()
             if state:  # a fresh run has nothing to catch up on (and need not wait for MLflow's import here)
-                self._log_missing(state["history"])
+                log_missing_epochs(self.uri, self.run_id, state["history"], state.get("step_history"))
         return state
 
     def _latest_committed(self) -> ray.train.Checkpoint | None:
@@ -80,6 +110,9 @@ class RunRecords:
         if self.local_root:
             for stale in self.local_root.glob(".tmp-*") if self.local_root.is_dir() else []:
                 shutil.rmtree(stale, ignore_errors=True)
+        for stale in self.run_dir.glob(".best-*"):  # a copy of the best model cut short
+            shutil.rmtree(stale, ignore_errors=True)
+        if self.local_root:
             return
         from ray.train import CheckpointConsistencyMode
 
@@ -89,49 +122,76 @@ class RunRecords:
             if path.is_dir() and path.name not in committed:
                 shutil.rmtree(path, ignore_errors=True)
 
-    def _log_missing(self, history: list[dict[str, float]]) -> None:
-        log_missing_epochs(self.uri, self.run_id, history)
-
-    # ---- each epoch --------------------------------------------------------------------------------------
-    def commit(self, epoch: int, metrics: dict[str, float], state: dict[str, Any] | None,
-               extras: dict[str, bytes] | None) -> None:
-        """Checkpoint `state` (rank 0's; None elsewhere) as epoch `epoch` and report `metrics`; every worker
-        calls this (Ray's report is a barrier). Rank 0 logs the metrics to MLflow once the commit is done."""
+    # ---- each checkpoint -------------------------------------------------------------------------------
+    def commit(self, name: str, report: dict[str, float], state: dict[str, Any] | None,
+               extras: dict[str, bytes] | None = None, position: Callable[[Path], None] | None = None,
+               rows: list[tuple[int, dict[str, float]]] = (), best: bool = False) -> None:
+        """Checkpoint `state` (rank 0's; None elsewhere) under `name` and report `report`; every worker calls
+        this (Ray's report is a barrier). `position` writes this worker's file of a mid-epoch checkpoint. Once
+        the commit is done, rank 0 logs `rows` ((MLflow step, metrics) of the epoch and the steps this
+        checkpoint covers) and, when `best`, keeps the checkpoint's model as the best epoch's."""
         self._raise_logging_errors()
+        pending_best = self._stage_best(name, state) if best and self.rank == 0 else None
         directory = None
-        if self.rank == 0:
-            directory = self._write(epoch, state, extras or {})
+        if self.rank == 0 or position is not None:
+            directory = self._write(name, state, extras or {}, position)
         try:
             checkpoint = ray.train.Checkpoint.from_directory(str(directory)) if directory else None
-            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_name(epoch))
+            ray.train.report(report, checkpoint=checkpoint, checkpoint_dir_name=name)
         finally:
             if directory and not self.local_root:  # Ray copied it into the run directory
                 ckpt.discard(directory)
         if self.rank != 0:
             return
         if self.local_root:  # committed by the rename in _write
-            ckpt.prune(self.local_root, prefix=PREFIX)
-            tracking.log_metrics(self.uri, self.run_id, metrics, step=epoch)
+            ckpt.prune(self.local_root, keep=self.keep, prefix=PREFIX)
+            self._after_commit(list(rows), pending_best)
         else:
-            self._pending.append(self._logger.submit(self._log_when_committed, epoch, dict(metrics)))
+            self._pending.append(self._logger.submit(self._log_when_committed, list(rows), pending_best))
 
-    def _write(self, epoch: int, state: dict[str, Any], extras: dict[str, bytes]) -> Path:
-        if not self.local_root:
-            return ckpt.save_state(state, extras)
-        self.local_root.mkdir(parents=True, exist_ok=True)
-        scratch = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.local_root))
-        ckpt.write_state(scratch, state, extras)
-        final = self.local_root / checkpoint_name(epoch)
-        shutil.rmtree(final, ignore_errors=True)
-        os.rename(scratch, final)
-        return final
+    def _write(self, name: str, state: dict[str, Any] | None, extras: dict[str, bytes],
+               position: Callable[[Path], None] | None) -> Path:
+        if self.local_root:
+            self.local_root.mkdir(parents=True, exist_ok=True)
+            directory = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.local_root))
+        else:
+            directory = Path(tempfile.mkdtemp(prefix=f"{name}_"))
+        if state is not None:
+            ckpt.write_state(directory, state, extras)
+        if position is not None:
+            position(directory)
+        if self.local_root:
+            final = self.local_root / name
+            shutil.rmtree(final, ignore_errors=True)
+            os.rename(directory, final)
+            return final
+        return directory
 
-    def _log_when_committed(self, epoch: int, metrics: dict[str, float]) -> None:
+    def _stage_best(self, name: str, state: dict[str, Any]) -> Path:
+        """The best epoch's model, written beside `best/` now and moved into place once committed (Ray may
+        prune the checkpoint itself by then)."""
+        staged = self.run_dir / f".best-{name}"
+        shutil.rmtree(staged, ignore_errors=True)
+        staged.mkdir(parents=True)
+        torch.save(state["model"], staged / ckpt.MODEL_FILE)
+        (staged / ckpt.HISTORY_FILE).write_text(json.dumps(state["history"]))
+        return staged
+
+    def _log_when_committed(self, rows: list[tuple[int, dict[str, float]]], best: Path | None) -> None:
         from ray.train import CheckpointConsistencyMode
 
-        # Returns once every report made so far, this epoch's included, is committed.
+        # Returns once every report made so far, this one included, is committed.
         ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED)
-        tracking.log_metrics(self.uri, self.run_id, metrics, step=epoch)
+        self._after_commit(rows, best)
+
+    def _after_commit(self, rows: list[tuple[int, dict[str, float]]], best: Path | None) -> None:
+        tracking.log_rows(self.uri, self.run_id, rows)
+        if best is not None:  # kept apart from the checkpoints Ray prunes; replaced whole
+            keep, old = self.run_dir / BEST_DIR, self.run_dir / f".best-old-{os.getpid()}"
+            if keep.exists():
+                os.rename(keep, old)
+            os.rename(best, keep)
+            shutil.rmtree(old, ignore_errors=True)
 
     def _raise_logging_errors(self) -> None:
         done = [f for f in self._pending if f.done()]

@@ -106,6 +106,17 @@ def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int) -> 
     client(uri).log_batch(run_id, metrics=items)
 
 
+def log_rows(uri: str, run_id: str, rows: list[tuple[int, dict[str, float]]]) -> None:
+    """(step, metrics) rows in as few requests as MLflow allows (1,000 metrics each)."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, step) for step, metrics in rows for k, v in metrics.items()
+             if isinstance(v, (int, float))]
+    for start in range(0, len(items), 1000):
+        client(uri).log_batch(run_id, metrics=items[start:start + 1000])
+
+
 def logged_steps(uri: str, run_id: str, key: str) -> set[int]:
     """The steps at which `key` has been logged in the run (one request)."""
     return {m.step for m in client(uri).get_metric_history(run_id, key)}

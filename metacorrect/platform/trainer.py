@@ -135,7 +135,7 @@ def build_trainer(cfg: ExperimentConfig, data_dir: Path, meta: DatasetMeta, *, n
         run_config=ray.train.RunConfig(
             name=name, storage_path=str(storage),
             failure_config=ray.train.FailureConfig(max_failures=cfg.resources.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             callbacks=callbacks),
     )
@@ -157,8 +157,9 @@ def finish_run(cfg: ExperimentConfig, checkpoint: ray.train.Checkpoint | None, *
     """The run's result read from its latest checkpoint; end artifacts logged and the MLflow run closed."""
     with (checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None)) as ckpt_dir:
         history = ckpt.load_history(ckpt_dir) if ckpt_dir else []
-        # Epochs committed but not yet logged when the loop ended (e.g. a sweep trial stopped by its scheduler).
-        log_missing_epochs(uri, run_id, history)
+        # Epochs and steps committed but not yet logged when the loop ended (e.g. a sweep trial stopped by its
+        # scheduler, or the last logging cut short when the workers were shut down).
+        log_missing_epochs(uri, run_id, history, ckpt.load_step_history(ckpt_dir) if ckpt_dir else [])
         out = RunResult(run_name=name, method=cfg.method.name, metrics=history[-1] if history else {},
                         history=history, mlflow_run_id=run_id, tracking_uri=uri,
                         checkpoint_path=checkpoint.path if checkpoint else None,

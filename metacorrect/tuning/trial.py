@@ -42,8 +42,6 @@ def trial_run_name(trial_id: str) -> str:
 def run_trial(params: dict[str, Any], context: TrialContext) -> None:
     """The Tune function trainable: the platform's run for `params`, its epochs reported to Tune."""
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
     from metacorrect.datasets.contract import read_meta
     from metacorrect.platform import quiet, trainer
 
@@ -67,12 +65,28 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> None:
         context.tracking_uri, cfg, read_meta(data_dir), data_dir, name, run_dir,
         tags={"mlflow.parentRunId": context.parent_run_id, "sweep": context.sweep_name, "trial_id": trial_id})
     run = trainer.build_trainer(cfg, data_dir, read_meta(data_dir), name=name, storage=storage,
-                                uri=context.tracking_uri, run_id=run_id, callbacks=[TuneReportCallback()],
+                                uri=context.tracking_uri, run_id=run_id, callbacks=[_epoch_reports()],
                                 progress=False)  # the sweep prints one line per trial instead
     result = trainer.fit_tracked(run, context.tracking_uri, run_id, name, run_dir)
     out = trainer.finish_run(cfg, result.checkpoint, name=name, uri=context.tracking_uri, run_id=run_id,
                              run_dir=run_dir, data_dir=data_dir, started=started)
     write_trial_result(run_dir, out.history, out.checkpoint_path)
+
+
+def _epoch_reports():
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from metacorrect.platform.records import MID_EPOCH
+
+    class EpochReports(TuneReportCallback):
+        """Forwards epoch reports only: Tune's schedulers compare trials at epochs, and a mid-epoch checkpoint's
+        report has no validation metric."""
+
+        def after_report(self, run_context, metrics, checkpoint):
+            if not metrics[0].get(MID_EPOCH):
+                super().after_report(run_context, metrics, checkpoint)
+
+    return EpochReports()
 
 
 def write_trial_result(run_dir: Path, history: list[dict[str, float]], checkpoint_path: str | None) -> None:

@@ -1,0 +1,181 @@
+"""Step checkpoints (`train.checkpoint_every`), step metrics (`train.log_every`) and runs that leave nothing
+running, with real processes: a driver SIGKILLed and a Ray Train worker SIGKILLed by pid in the middle of an
+epoch. The run resumes inside the epoch, every noisy id of that epoch is trained on exactly once across the
+interruption (read from `train.trace_ids_dir`, the ids each step trained on), and with one worker and
+`data.deterministic: true` the final weights and label table equal an uninterrupted run's."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from procs import start_cli, stop_group, wait_until
+
+pytestmark = pytest.mark.slow
+
+NOISY_ROWS = 1138
+BATCH = 16  # 72 steps an epoch: room to stop one in the middle
+EVERY = 10
+LOG_EVERY = 4
+EPOCHS = 2  # killed inside the second
+
+
+def _sets(values: list[str]) -> list[str]:
+    return [arg for v in values for arg in ("--set", v)]
+
+
+def _committed(run_dir: Path) -> list[str]:
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    if not snapshot.is_file():
+        return []
+    try:
+        state = json.loads(snapshot.read_text())
+    except json.JSONDecodeError:  # caught while Ray rewrites it
+        return []
+    return [r["checkpoint_dir_name"] for r in state["checkpoint_results"]]
+
+
+def _mid_epoch_committed(run_dir: Path, after_epochs: int = 1) -> bool:
+    return any(n.startswith(f"checkpoint_epoch{after_epochs:04d}_step") for n in _committed(run_dir))
+
+
+def _attempts(trace_dir: Path) -> list[list[dict]]:
+    """The trace lines of each attempt (a set of worker processes), in the order the attempts started."""
+    by_pid: dict[int, list[dict]] = {}
+    for f in trace_dir.glob("ids-rank*-pid*.jsonl"):
+        by_pid[int(f.stem.split("pid")[1])] = [json.loads(line) for line in f.read_text().splitlines()]
+    starts = sorted((lines[0]["step"], pid) for pid, lines in by_pid.items() if lines)
+    attempts: dict[int, list[dict]] = {}
+    for first_step, pid in starts:  # workers of one attempt start at the same step
+        attempts.setdefault(first_step, []).extend(by_pid[pid])
+    return [attempts[k] for k in sorted(attempts)]
+
+
+def _ids_of_interrupted_epoch(trace_dir: Path) -> tuple[int, int, list[int]]:
+    """(epoch, step resumed after, the ids that epoch trained on: the first attempt's up to the step the
+    second resumed from, then the second's)."""
+    first, second = _attempts(trace_dir)
+    resumed_after = min(line["step"] for line in second) - 1
+    epoch = min(line["epoch"] for line in second)
+    ids = [i for line in first if line["epoch"] == epoch and line["step"] <= resumed_after for i in line["ids"]]
+    ids += [i for line in second if line["epoch"] == epoch for i in line["ids"]]
+    return epoch, resumed_after, ids
+
+
+def _step_history(uri: str, run_id: str, key: str) -> list[int]:
+    from mlflow.tracking import MlflowClient
+
+    return sorted(m.step for m in MlflowClient(uri).get_metric_history(run_id, key))
+
+
+def _common(data: Path, tmp_path: Path) -> list[str]:
+    return [f"data.path={data}", f"train.batch_size={BATCH}", f"train.epochs={EPOCHS}", "model.width=8",
+            f"train.checkpoint_every={EVERY}", f"train.log_every={LOG_EVERY}", "data.deterministic=true",
+            f"tracking.uri=sqlite:///{tmp_path / 'mlruns.db'}", f"tracking.storage_path={tmp_path / 'runs'}",
+            "tracking.experiment=step-checkpoints", "method.warmup_epochs=1", "method.label_lr=20000"]
+
+
+def test_a_driver_killed_mid_epoch_resumes_inside_it_each_id_once_and_ends_as_an_uninterrupted_run(
+        ray_cluster, digits_noisy, tmp_path):
+    from metacorrect.config import ExperimentConfig
+    from metacorrect.platform.trainer import run
+
+    trace = tmp_path / "trace"
+    sets = _common(digits_noisy, tmp_path) + ["resources.num_workers=1", "resources.cpus_per_worker=1",
+                                               f"train.trace_ids_dir={trace}"]
+    run_dir = tmp_path / "runs" / "killed"
+    log = tmp_path / "driver.log"
+    driver = start_cli(["run", "configs/digits_mslg.yaml", "--name", "killed", *_sets(sets)], log,
+                       {"RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address})
+    try:
+        wait_until(lambda: _mid_epoch_committed(run_dir), driver, 300, "a step checkpoint inside epoch 2")
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=30)
+    finally:
+        stop_group(driver.pid)
+    assert not any(n == f"checkpoint_epoch{EPOCHS:04d}" for n in _committed(run_dir)), "killed inside the run"
+
+    cfg = ExperimentConfig.from_yaml("configs/digits_mslg.yaml", sets + ["tracking.run_name=killed"])
+    resumed = run(cfg, progress=False)
+    epoch, resumed_after, ids = _ids_of_interrupted_epoch(trace)
+    assert resumed_after % EVERY == 0 and resumed_after % (NOISY_ROWS // BATCH + 1), \
+        f"resumed from a step checkpoint inside epoch {epoch + 1} (after global step {resumed_after})"
+    assert sorted(ids) == list(range(NOISY_ROWS)), "every noisy id of the interrupted epoch trained on exactly once"
+
+    straight = run(cfg.with_overrides(["tracking.run_name=straight", "resources.num_workers=0",
+                                       "train.trace_ids_dir=null"]), progress=False)
+    for a, b in zip(*(torch.load(Path(r.checkpoint_path) / "model.pt").values() for r in (resumed, straight))):
+        assert torch.equal(a, b), "final weights equal an uninterrupted run's"
+    tables = [pq.read_table(Path(r.checkpoint_path) / "label_table.parquet").to_pandas() for r in (resumed, straight)]
+    assert tables[0].equals(tables[1]), "the label table equals an uninterrupted run's"
+    assert [h["val_accuracy"] for h in resumed.history] == [h["val_accuracy"] for h in straight.history]
+
+    steps = EPOCHS * (NOISY_ROWS // BATCH + 1)
+    for key in ("step/samples_per_s", "step/train_loss", "step/lr"):
+        assert _step_history(resumed.tracking_uri, resumed.mlflow_run_id, key) == \
+            list(range(LOG_EVERY, steps + 1, LOG_EVERY)), f"{key}: each step once, at the global step"
+    assert _step_history(resumed.tracking_uri, resumed.mlflow_run_id, "val_accuracy") == list(range(1, EPOCHS + 1))
+    assert (run_dir / "best" / "model.pt").is_file(), "the best epoch's model is kept apart"
+    assert len(_committed(run_dir)) == 2, "train.keep_checkpoints=2"
+
+
+def test_a_worker_killed_mid_epoch_is_retried_inside_it_each_id_once(ray_cluster, digits_noisy, tmp_path):
+    from ray.util.state import list_actors
+
+    from metacorrect.config import ExperimentConfig
+    from metacorrect.platform.trainer import run
+
+    trace = tmp_path / "trace"
+    run_dir = tmp_path / "runs" / "worker-killed"
+    cfg = ExperimentConfig.from_yaml("configs/digits_mslg.yaml", _common(digits_noisy, tmp_path) + [
+        "resources.num_workers=2", f"train.trace_ids_dir={trace}", "tracking.run_name=worker-killed"])
+    outcome = {}
+    driver = threading.Thread(target=lambda: outcome.update(result=run(cfg, progress=False)))
+    driver.start()
+    try:
+        deadline = time.time() + 300
+        while not _mid_epoch_committed(run_dir):
+            assert driver.is_alive() and time.time() < deadline, "no step checkpoint inside epoch 2"
+            time.sleep(0.01)
+        workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+        os.kill(workers[-1]["pid"], signal.SIGKILL)
+    finally:
+        driver.join(timeout=300)
+    result = outcome["result"]
+    epoch, resumed_after, ids = _ids_of_interrupted_epoch(trace)
+    assert resumed_after % EVERY == 0, resumed_after
+    assert sorted(ids) == list(range(NOISY_ROWS)), "every noisy id of the interrupted epoch trained on exactly once"
+    assert [h["noisy_rows_seen"] for h in result.history] == [NOISY_ROWS] * EPOCHS
+    decisions = [json.loads(line) for line in (run_dir / "failures.jsonl").read_text().splitlines()]
+    assert [d["decision"] for d in decisions] == ["retry"], decisions
+    steps = EPOCHS * (NOISY_ROWS // BATCH + 1)
+    assert _step_history(result.tracking_uri, result.mlflow_run_id, "step/samples_per_s") == \
+        list(range(LOG_EVERY, steps + 1, LOG_EVERY))
+
+
+def test_runs_leave_no_actor_or_placement_group_behind(ray_cluster, digits_noisy, experiment):
+    from ray.util.state import list_actors, list_placement_groups
+
+    from metacorrect.platform.trainer import run
+
+    # Ray Data's own cluster-wide services (one of each, shared by every data set) are not a run's.
+    services = {"_StatsActor", "_AutoscalingCoordinatorActor"}
+    before = {a["actor_id"] for a in list_actors(filters=[("state", "=", "ALIVE")])}
+    for workers in (2, 1, 0):
+        run(experiment(digits_noisy, resources__num_workers=workers, train__epochs=1), progress=False)
+    deadline = time.time() + 10  # actors report their death to the GCS shortly after they exit
+    while True:
+        left = [a["class_name"] for a in list_actors(filters=[("state", "=", "ALIVE")])
+                if a["actor_id"] not in before and a["class_name"] not in services]
+        groups = [g for g in list_placement_groups() if g["state"] != "REMOVED"]
+        if not (left or groups) or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    assert not left and not groups, (left, groups)

@@ -9,6 +9,7 @@ before the first step.
 
     python benchmarks/meta_step.py                                   # resnet18_cifar, 32x32x3, batch 64
     python benchmarks/meta_step.py --arch small_cnn --width 16 --steps 3 --device cpu
+    python benchmarks/meta_step.py --precision fp32,bf16 --table-rows 0    # the same rows in both precisions
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from metacorrect.config import ExperimentConfig
 from metacorrect.methods import METHODS, Batch
 from metacorrect.methods.backbones import build_backbone
 from metacorrect.platform.collective import Collective
+from metacorrect.platform.precision import step_precision
 
 BLOCK = 5  # steps per timing block: a multiple of every k measured, so meta steps are amortised
 
@@ -89,7 +91,8 @@ def make_batches(args, device: torch.device, count: int) -> list[tuple[Batch, Ba
     return out
 
 
-def measure(args, name: str, k: int, mode: str, device: torch.device, data) -> tuple[float, float]:
+def measure(args, name: str, k: int, mode: str, device: torch.device, data,
+            precision: str = "fp32") -> tuple[float, float]:
     """(median per-step seconds, peak MiB above the start) of one method setting."""
     method_cfg = {"name": name} if name == "erm" else {"name": name, "meta_grad": mode} | EXTRA.get(name, {})
     if "k" in {f.name for f in dataclasses.fields(METHODS[name].config_class)}:
@@ -110,7 +113,8 @@ def measure(args, name: str, k: int, mode: str, device: torch.device, data) -> t
         sync()
         t0 = time.perf_counter()
         for _ in range(BLOCK):
-            method.step(*data[step % len(data)])
+            with step_precision(precision, device):
+                method.step(*data[step % len(data)])
             step += 1
         sync()
         return (time.perf_counter() - t0) / BLOCK
@@ -199,7 +203,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--table-rows", type=int, default=1_000_000,
                    help="rows of the label-table update timing (0: skip it)")
     p.add_argument("--classes-table", type=int, default=14, help="classes of the label-table timing (Clothing1M: 14)")
+    p.add_argument("--precision", default="fp32",
+                   help="comma-separated train.precision values to time every row in (fp32, bf16)")
     args = p.parse_args(argv)
+    precisions = args.precision.split(",")
+    if not set(precisions) <= {"fp32", "bf16"}:
+        sys.exit(f"meta_step: --precision: expected fp32 and/or bf16, got {args.precision}")
     args.clean_batch = args.clean_batch or max(2, args.batch // 2)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -215,23 +224,30 @@ def main(argv: list[str] | None = None) -> None:
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
              f" ({torch.get_num_threads()} threads)")
           + f", torch {torch.__version__}; median of {args.steps} blocks of {BLOCK} steps after {args.warmup}")
-    results: dict[tuple[str, int, str], tuple[float, float]] = {}
-    for name, k, mode in rows:
-        results[name, k, mode] = measure(args, name, k, mode, device, data)
-        print(f"  measured {name:5s} k={k} {mode:5s}: {results[name, k, mode][0] * 1e3:9.1f} ms/step",
-              file=sys.stderr, flush=True)
-    erm_t, erm_m = results["erm", 1, "-"]
+    results: dict[tuple[str, int, str, str], tuple[float, float]] = {}
+    for precision in precisions:
+        for name, k, mode in rows:
+            results[name, k, mode, precision] = measure(args, name, k, mode, device, data, precision)
+            print(f"  measured {name:5s} k={k} {mode:5s} {precision}: "
+                  f"{results[name, k, mode, precision][0] * 1e3:9.1f} ms/step", file=sys.stderr, flush=True)
     mem = "peak GPU MiB" if device.type == "cuda" else "peak RSS MiB"
-    print(f"| method | k | meta_grad | ms / step | × erm | exact / fast | {mem} | × erm mem |")
-    print("|---|---|---|---|---|---|---|---|")
-    for (name, k, mode), (t, m) in results.items():
+    print(f"| method | k | meta_grad | precision | ms / step | × erm | exact / fast | × fp32 | {mem} | × erm mem |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for (name, k, mode, precision), (t, m) in results.items():
+        erm_t, erm_m = results["erm", 1, "-", precision]
         speed = ""
-        if mode == "fast" and (name, k, "exact") in results:
-            speed = f"{results[name, k, 'exact'][0] / t:.2f}×"
+        if mode == "fast" and (name, k, "exact", precision) in results:
+            speed = f"{results[name, k, 'exact', precision][0] / t:.2f}×"
+        vs_fp32 = f"{t / results[name, k, mode, 'fp32'][0]:.2f}×" \
+            if precision != "fp32" and (name, k, mode, "fp32") in results else ""
         ratio_m = f"{m / erm_m:.2f}×" if erm_m > 0.5 else "-"
         has_k = name != "erm" and "k" in {f.name for f in dataclasses.fields(METHODS[name].config_class)}
         shown_k = k if has_k else "-"
-        print(f"| {name} | {shown_k} | {mode} | {t * 1e3:.1f} | {t / erm_t:.2f}× | {speed} | {m:.0f} | {ratio_m} |")
+        print(f"| {name} | {shown_k} | {mode} | {precision} | {t * 1e3:.1f} | {t / erm_t:.2f}× | {speed} | {vs_fp32} "
+              f"| {m:.0f} | {ratio_m} |")
+    first = precisions[0]
+    results = {(n, k, mode): v for (n, k, mode, p), v in results.items() if p == first}  # the checks: one precision
+    erm_t = results["erm", 1, "-"][0]
     checks = []
     if ("emlc", 1, "fast") in results:
         checks.append(("EMLC k=1 fast ≤ 2.8× ERM", results["emlc", 1, "fast"][0] / erm_t, lambda r: r <= 2.8))

@@ -81,6 +81,7 @@ class ModelConfig:
     arch: str = "small_cnn"  # small_cnn | mlp | resnet18 | resnet34 | resnet50 (+ _cifar for the 3x3 stem)
     width: int = 32  # base channels / hidden units of the small models
     pretrained: str | None = None  # path to a torchvision state dict (no downloads)
+    channels_last: bool = False  # convnets in NHWC memory order (faster convolutions on GPU tensor cores)
 
     def validate(self) -> list[str]:
         from metacorrect.methods.backbones import ARCHS
@@ -114,6 +115,13 @@ class OptimConfig:
         return problems
 
 
+EVAL_NOISY = ("known", "all", "off")
+# fp16 needs a loss scale for every meta pass, not one GradScaler on the real step; bf16 has fp32's range and
+# needs none, so it is the half precision offered.
+PRECISIONS = ("fp32", "bf16")
+RENAMED = {"train.eval_noisy_train": "train.eval_noisy (known | all | off)"}
+
+
 @dataclass
 class TrainConfig:
     epochs: int = 10
@@ -121,7 +129,16 @@ class TrainConfig:
     clean_batch_size: int = 32  # global clean (meta) batch per step
     eval_batch_size: int = 512
     seed: int = 0
-    eval_noisy_train: bool = True  # per-epoch label recovery of the model on the noisy set
+    # Per-epoch label recovery of the model (and a method's corrected labels) on the noisy set: `known` measures
+    # it on the noisy rows whose true label is known (a fixed, seeded subset of at most `eval_noisy_max`);
+    # `all` passes over every noisy row each epoch; `off` skips it. The exports (corrected labels, weights of
+    # every noisy id) come from one full pass at the end unless `off`.
+    # Mixed precision of every training step, the meta passes included (the look-ahead's JVP, the clean
+    # gradient at w', the VJP through a meta-model): `bf16` autocasts matrix products and convolutions to
+    # bfloat16, on CPU and GPU; label tables, meta-gradient accumulators, weights and optimizer state stay fp32.
+    precision: str = "fp32"
+    eval_noisy: str = "known"
+    eval_noisy_max: int = 50_000
     # Steps between checkpoints inside an epoch (0: at epoch ends only). A run resumes from the latest one,
     # mid-epoch: the rest of that epoch trains on exactly the noisy ids it had not trained on yet.
     checkpoint_every: int = 0
@@ -135,7 +152,9 @@ class TrainConfig:
         return field_problems("train", self, {"epochs": AT_LEAST_ONE, "batch_size": AT_LEAST_ONE,
                                               "clean_batch_size": AT_LEAST_ONE, "eval_batch_size": AT_LEAST_ONE,
                                               "checkpoint_every": NON_NEGATIVE, "keep_checkpoints": AT_LEAST_ONE,
-                                              "log_every": NON_NEGATIVE})
+                                              "log_every": NON_NEGATIVE, "eval_noisy": one_of(EVAL_NOISY),
+                                              "eval_noisy_max": AT_LEAST_ONE,
+                                              "precision": one_of(PRECISIONS)})
 
 
 @dataclass
@@ -163,6 +182,13 @@ class TrackingConfig:
     run_name: str | None = None  # fixed name: a second run with it resumes from its last checkpoint
     storage_path: str = "runs"  # checkpoints and Ray Train state (shared storage on a cluster)
     log_model: bool = True
+    # CPU, memory, disk, network and (where a GPU and nvidia-ml-py exist) GPU use of each worker node, as
+    # MLflow system metrics, sampled every `system_metrics_interval_s` seconds.
+    system_metrics: bool = True
+    system_metrics_interval_s: float = 10.0
+
+    def validate(self) -> list[str]:
+        return field_problems("tracking", self, {"system_metrics_interval_s": POSITIVE})
 
 
 # Method fields that keep their meaning across meta methods (carried over by `for_method`).
@@ -341,6 +367,9 @@ def _build(cls: type, raw: Any, path: str, problems: list[str], skip: set[str] =
     kwargs = {}
     for key, value in raw.items():
         dotted = f"{path}.{key}" if path else str(key)
+        if dotted in RENAMED:
+            problems.append(f"{dotted}: renamed to {RENAMED[dotted]}")
+            continue
         if key not in names or key in skip:
             problems.append(f"{dotted}: unknown key (expected one of {', '.join(sorted(names - skip))})")
             continue

@@ -156,7 +156,7 @@ def test_submit_runs_a_digits_job_whose_run_and_artifacts_reach_the_mlflow_serve
         "submit", "--address", ray_head, "--env", f"MLFLOW_TRACKING_URI={mlflow_server}",
         "--follow", "--", "run", "configs/digits_demo.yaml", "--set", f"data.path={digits_noisy}",
         "--set", "train.epochs=1", "--set", "resources.num_workers=1", "--set", "model.width=8",
-        "--set", "train.eval_noisy_train=false", "--set", f"tracking.storage_path={tmp_path / 'runs'}",
+        "--set", "train.eval_noisy=off", "--set", f"tracking.storage_path={tmp_path / 'runs'}",
         "--set", "tracking.experiment=jobs"])
     captured = capsys.readouterr()
     out = captured.out

@@ -19,7 +19,7 @@ SPACE = {"optim.lr": {"loguniform": [0.01, 0.2]}, "train.seed": {"grid": [0, 1]}
 def _config(data_path, workdir, tracking_uri, experiment, epochs=2):
     # Tiny on purpose: the cost of a trial on 2 cores is Ray Train's start (~15 s), not the epochs.
     return ExperimentConfig.from_dict({
-        "data": {"path": str(data_path)}, "train": {"epochs": epochs, "eval_noisy_train": False},
+        "data": {"path": str(data_path)}, "train": {"epochs": epochs, "eval_noisy": "off"},
         "model": {"arch": "small_cnn", "width": 8}, "resources": {"num_workers": 1, "max_failures": 0},
         "tracking": {"uri": tracking_uri, "storage_path": str(workdir / "sweeps"), "experiment": experiment}})
 

@@ -29,7 +29,7 @@ TASK_BYTES = 96 * 2**20
 
 
 def open_split(directory: str | Path, split: str, meta: DatasetMeta, shuffle_files: bool = False,
-               decode_concurrency: int | None = None):
+               decode_concurrency: int | None = None, ids: np.ndarray | None = None):
     """A lazy Ray Dataset of one split with columns id, image (N,H,W,C uint8), label, true_label.
 
     Each Ray Data task reads a few parquet row groups (~`TASK_BYTES` once decoded, at least 8 tasks a
@@ -37,12 +37,13 @@ def open_split(directory: str | Path, split: str, meta: DatasetMeta, shuffle_fil
     streamed to several workers is dealt out evenly. Reading and decoding in the same task is what a
     DataLoader worker does (benchmarks/data_path.py compares the two). `shuffle_files` deals the row
     groups in a new random order every epoch. `decode_concurrency` caps the parallel decode tasks
-    (default: as many as the cluster's CPUs allow).
+    (default: as many as the cluster's CPUs allow). `ids` (sorted) keeps only those rows, dropped before
+    their images are decoded.
     """
     import ray.data
 
     units = row_groups(split_files(directory, split))
-    rows = meta.counts.get(split, 0)
+    rows = meta.counts.get(split, 0) if ids is None else len(ids)
     row_bytes = int(np.prod(meta.image_shape)) + 8 * (len(COLUMNS) - 1)  # pixels + the int64 columns
     block_rows = max(16, min(1024, rows // 32))
     unit_bytes = max(1, rows * row_bytes // max(1, len(units)))
@@ -59,7 +60,7 @@ def open_split(directory: str | Path, split: str, meta: DatasetMeta, shuffle_fil
     return ds.map_batches(read_and_decode, batch_size=units_per_task, batch_format="numpy",
                           compute=ray.data.TaskPoolStrategy(size=decode_concurrency),
                           fn_kwargs={"encoding": meta.encoding, "shape": tuple(meta.image_shape),
-                                     "block_rows": block_rows})
+                                     "block_rows": block_rows, "ids": ids})
 
 
 def row_groups(files: list[str]) -> list[dict[str, Any]]:
@@ -68,7 +69,7 @@ def row_groups(files: list[str]) -> list[dict[str, Any]]:
 
 
 def read_and_decode(units: dict[str, np.ndarray], encoding: str, shape: tuple[int, int, int],
-                    block_rows: int) -> Iterator[dict[str, np.ndarray]]:
+                    block_rows: int, ids: np.ndarray | None = None) -> Iterator[dict[str, np.ndarray]]:
     """A Ray Data task: read its row groups and decode them. A row group that cannot be read or an image that
     does not decode is a `DataError` naming the shard (and the id): the data set was damaged after it was
     prepared (prepare decodes every image it writes), so the run stops rather than train on part of it, and
@@ -79,6 +80,10 @@ def read_and_decode(units: dict[str, np.ndarray], encoding: str, shape: tuple[in
         except (pa.ArrowException, OSError) as e:
             raise DataError(f"{file}: row group {group} cannot be read ({first_line(e)}); the shard is damaged, "
                             f"prepare the data set again") from None
+        if ids is not None:
+            column = table["id"].to_numpy()
+            at = np.minimum(np.searchsorted(ids, column), max(len(ids) - 1, 0))
+            table = table.filter(pa.array(ids[at] == column if len(ids) else np.zeros(len(column), bool)))
         for lo in range(0, table.num_rows, block_rows):
             part = table.slice(lo, block_rows)
             columns = {name: part[name].to_numpy(zero_copy_only=False) for name in COLUMNS}

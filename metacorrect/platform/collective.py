@@ -54,15 +54,31 @@ class Collective:
         """Concatenate every worker's tensor along dim 0 (sizes may differ), in rank order."""
         if not self.distributed:
             return tensor
+        padded, sizes = self._padded(tensor)
+        out = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(out, padded)
+        return torch.cat([o[:n] for o, n in zip(out, sizes)])
+
+    def _padded(self, tensor: Tensor) -> tuple[Tensor, list[int]]:
+        """`tensor` padded to the longest worker's rows, and every worker's row count (collectives need equal
+        shapes)."""
         size = torch.tensor([tensor.shape[0]], device=tensor.device)
         sizes = [torch.zeros_like(size) for _ in range(self.world_size)]
         dist.all_gather(sizes, size)
-        longest = int(max(s.item() for s in sizes))
-        padded = torch.zeros((longest, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+        counts = [int(s.item()) for s in sizes]
+        padded = torch.zeros((max(counts), *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
         padded[: tensor.shape[0]] = tensor
-        out = [torch.empty_like(padded) for _ in range(self.world_size)]
-        dist.all_gather(out, padded)
-        return torch.cat([o[: int(s.item())] for o, s in zip(out, sizes)])
+        return padded, counts
+
+    def gather_to_first(self, tensor: Tensor) -> Tensor | None:
+        """Every worker's tensor concatenated along dim 0 in rank order, on rank 0 only (None elsewhere): for
+        tables that only rank 0 writes, so no other worker holds a copy of the whole set."""
+        if not self.distributed:
+            return tensor
+        padded, sizes = self._padded(tensor)
+        out = [torch.empty_like(padded) for _ in range(self.world_size)] if self.rank == 0 else None
+        dist.gather(padded, out, dst=0)
+        return torch.cat([o[:n] for o, n in zip(out, sizes)]) if self.rank == 0 else None
 
     def stack(self, tensor: Tensor) -> Tensor:
         """Every worker's tensor of the same shape, stacked in rank order (one all-gather)."""

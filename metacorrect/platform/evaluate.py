@@ -20,7 +20,7 @@ class CorrectedLabels:
     """What a method believes about the noisy set, measured against the true labels (platform only)."""
 
     confusion: Tensor  # (C, C) counts of (true label, corrected label) over rows with known true labels
-    rows: dict[str, Tensor] | None  # id, noisy_label, corrected_label, confidence of every worker (when exported)
+    rows: dict[str, Tensor] | None  # id, noisy_label, corrected_label, confidence of every row (rank 0, exported)
 
 
 def _prediction_sums(logits: Tensor, label: Tensor, true: Tensor) -> Tensor:
@@ -56,11 +56,13 @@ def evaluate(model: nn.Module, shard, norm: Normaliser, collective: Collective, 
 class SampleWeights:
     """A reweighting method's per-sample weights on the noisy set, joined with the true labels (platform only)."""
 
-    rows: dict[str, Tensor]  # id, noisy_label, weight, corrupted (uint8) of every worker's rows with known truth
+    rows: dict[str, Tensor] | None  # id, noisy_label, weight, corrupted (uint8) of rows with known truth (rank 0)
 
 
-def _weight_sums(method, batch, true: Tensor, sums: Tensor, rows: dict[str, list[Tensor]] | None) -> None:
-    """Adds Σ weight and count over the clean and the corrupted rows; with `rows`, keeps every row."""
+def _weight_sums(method, batch, true: Tensor, sums: Tensor, rows: dict[str, list[Tensor]] | None,
+                 measured: Tensor | None = None) -> None:
+    """Adds Σ weight and count over the clean and the corrupted rows (of the `measured` rows only, when given);
+    with `rows`, keeps every row of known truth."""
     weight = method.sample_weights(batch)
     if weight is None:
         return
@@ -68,8 +70,12 @@ def _weight_sums(method, batch, true: Tensor, sums: Tensor, rows: dict[str, list
     known = (true >= 0) & ~weight.isnan()  # NaN: a row the method has no weight for yet
     corrupted = known & (true != batch.label)
     clean = known & ~corrupted
-    sums += torch.stack([weight[clean].sum(), clean.sum().double(), weight[corrupted].sum(),
-                         corrupted.sum().double()])
+    if measured is not None:
+        clean, corrupted_measured = clean & measured, corrupted & measured
+    else:
+        corrupted_measured = corrupted
+    sums += torch.stack([weight[clean].sum(), clean.sum().double(), weight[corrupted_measured].sum(),
+                         corrupted_measured.sum().double()])
     if rows is not None:
         for key, value in (("id", batch.ids[known]), ("noisy_label", batch.label[known]),
                            ("weight", weight[known].float()), ("corrupted", corrupted[known].to(torch.uint8))):
@@ -78,12 +84,14 @@ def _weight_sums(method, batch, true: Tensor, sums: Tensor, rows: dict[str, list
 
 @torch.no_grad()
 def evaluate_noisy(method, shard, norm: Normaliser, collective: Collective, batch_size: int, num_classes: int,
-                   device: torch.device, corrected: bool = False, export: bool = False, weights: bool = False
+                   device: torch.device, corrected: bool = False, export: bool = False, weights: bool = False,
+                   counted: Tensor | None = None
                    ) -> tuple[dict[str, float], CorrectedLabels | None, SampleWeights | None]:
     """On the noisy split, where true labels are known: the model's label recovery and memorisation of the
     corrupted labels; with `corrected`, how often the argmax of `method.soft_labels` is the true class
     (overall and among the corrupted samples); with `weights`, the mean of `method.sample_weights` over the
-    clean and over the corrupted rows; with `export`, every row of both, gathered on every worker."""
+    clean and over the corrupted rows; with `export`, every row of both, gathered on rank 0. `counted` (a
+    mask over the noisy ids) restricts the metrics to those ids; the exports keep every row."""
     model = method.model
     was_training = model.training
     model.eval()
@@ -95,9 +103,14 @@ def evaluate_noisy(method, shard, norm: Normaliser, collective: Collective, batc
     rows: dict[str, list[Tensor]] = {"id": [], "noisy_label": [], "corrected_label": [], "confidence": []}
     for raw in iterate(shard, batch_size, device):
         batch, true = to_batch(raw, norm)
-        sums[:8] += _prediction_sums(model(batch.x), batch.label, true)
+        logits = model(batch.x)
+        measured = None if counted is None else counted[batch.ids]
         if weights:
-            _weight_sums(method, batch, true, weight_sums, weight_rows)
+            _weight_sums(method, batch, true, weight_sums, weight_rows, measured)
+        if measured is not None:  # the metrics see the measured rows only; the exports see every row
+            logits, true = logits[measured], torch.where(measured, true, torch.full_like(true, -1))
+        sums[:8] += _prediction_sums(logits, batch.label if measured is None else batch.label[measured],
+                                     true if measured is None else true[measured])
         if not corrected:
             continue
         confidence, label = method.soft_labels(batch).max(1)
@@ -129,9 +142,10 @@ def evaluate_noisy(method, shard, norm: Normaliser, collective: Collective, batc
             metrics["weight_mean_corrupted"] = w_corrupted / n_corrupted
         if weight_rows is not None:
             empty = {"weight": torch.float32, "corrupted": torch.uint8}
-            sample_weights = SampleWeights({k: collective.all_gather(
+            table = {k: collective.gather_to_first(
                 torch.cat(v) if v else torch.zeros(0, dtype=empty.get(k, torch.long), device=device))
-                for k, v in weight_rows.items()})
+                for k, v in weight_rows.items()}
+            sample_weights = SampleWeights(table) if collective.rank == 0 else None
     if not corrected:
         return metrics, None, sample_weights
     if c_known:
@@ -141,7 +155,9 @@ def evaluate_noisy(method, shard, norm: Normaliser, collective: Collective, batc
     gathered = None
     if export:
         empty = {"confidence": torch.float32}
-        gathered = {k: collective.all_gather(torch.cat(v) if v else
+        gathered = {k: collective.gather_to_first(torch.cat(v) if v else
                                              torch.zeros(0, dtype=empty.get(k, torch.long), device=device))
                     for k, v in rows.items()}
+    if gathered is not None and collective.rank != 0:
+        gathered = None
     return metrics, CorrectedLabels(collective.sum(confusion), gathered), sample_weights

@@ -27,6 +27,7 @@ from metacorrect.platform.collective import Collective
 from metacorrect.platform.evaluate import evaluate, evaluate_noisy
 from metacorrect.platform.global_batches import global_batches
 from metacorrect.platform.epoch_position import ConsumedIds, EpochSums, read_positions, set_rng_state, write_position
+from metacorrect.platform.precision import step_precision
 from metacorrect.platform.records import MID_EPOCH, STEP_KEY, RunRecords, checkpoint_name
 
 
@@ -40,6 +41,7 @@ class RunContext:
     run_dir: str  # storage_path/name: Ray Train's run directory, where committed checkpoints live
     torch_threads: int
     local_checkpoints: str | None = None  # num_workers=0: our own committed checkpoints (Ray copies none)
+    eval_ids_file: str | None = None  # train.eval_noisy: known, fewer than all rows: the measured noisy ids
     progress: bool = True  # one line per epoch from rank 0
 
 
@@ -73,12 +75,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(seed)  # same initial weights on every worker (then made identical by sync)
     model = build_backbone(cfg.model.arch, meta.num_classes, meta.image_shape, cfg.model.width,
                            cfg.model.pretrained).to(device)
+    if cfg.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)  # inputs arrive NHWC-strided already
     collective.sync_module_(model)
     optimizer, scheduler = make_optimizer(cfg, model)
+    precision = step_precision(cfg.train.precision, device)
     method = METHODS[cfg.method.name](cfg, model, optimizer, meta.num_classes, meta.counts["noisy_train"], collective,
                                       image_shape=tuple(meta.image_shape))
 
     train = cfg.train
+    monitor = _system_monitor(cfg, run, context)
     records = RunRecords(run.run_dir, run.tracking_uri, run.mlflow_run_id, rank, run.local_checkpoints,
                          keep=train.keep_checkpoints)
     at = Position()
@@ -105,6 +111,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     noisy_shard = ray.train.get_dataset_shard("noisy")
     template = empty_rows(meta, device)
     trace = _IdTrace(train.trace_ids_dir, rank)
+    measured = None  # train.eval_noisy: known on part of the noisy set: a mask of the measured ids
+    if run.eval_ids_file:
+        measured = torch.zeros(meta.counts["noisy_train"], dtype=torch.bool, device=device)
+        measured[torch.from_numpy(np.load(run.eval_ids_file)).to(device)] = True
 
     def snapshot(epoch: int) -> dict[str, Any] | None:
         if rank != 0:
@@ -154,7 +164,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 last = noisy
                 consumed.mark(noisy.ids)
             trace.write(epoch, at.global_step + 1, noisy)
-            out = method.step(noisy, next(clean))
+            with precision:
+                out = method.step(noisy, next(clean))
             sums.add(out, noisy.weight)
             window.add(out, noisy.weight)
             at.steps_in_epoch += 1
@@ -167,7 +178,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         scheduler.step()
         collective.sync_module_(model)  # identical BN running stats on every replica before eval/checkpoint
         evaluated, extras = _evaluate_epoch(cfg, method, meta, norm, collective, device, rank,
-                                            last=epoch + 1 == train.epochs)
+                                            last=epoch + 1 == train.epochs, measured=measured)
         metrics |= evaluated
         improved = False
         for prefix in [""] + [f"{name}_" for name in method.eval_models()]:  # the student, then e.g. IEG's EMA
@@ -186,6 +197,23 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         records.commit(checkpoint_name(epoch + 1), metrics, snapshot(epoch + 1), extras,
                        rows=window.take_logged() + [(epoch + 1, metrics)], best=improved)
     records.close()
+    if monitor is not None:
+        monitor.finish()
+
+
+def _system_monitor(cfg: ExperimentConfig, run: RunContext, context):
+    """MLflow's system-metrics monitor on the first worker of each node (the driver in local mode); its metrics
+    carry the node's rank when the run spans several nodes."""
+    if not cfg.tracking.system_metrics or context.get_local_rank() != 0:
+        return None
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    nodes = context.get_world_size() > context.get_local_world_size()
+    monitor = SystemMetricsMonitor(run.mlflow_run_id, sampling_interval=cfg.tracking.system_metrics_interval_s,
+                                   resume_logging=True, tracking_uri=run.tracking_uri,
+                                   node_id=f"node{context.get_node_rank()}" if nodes else None)
+    monitor.start()
+    return monitor
 
 
 @dataclass
@@ -249,7 +277,8 @@ class _IdTrace:
 
 
 def _evaluate_epoch(cfg: ExperimentConfig, method, meta, norm: Normaliser, collective: Collective, device,
-                    rank: int, last: bool) -> tuple[dict[str, float], dict[str, bytes]]:
+                    rank: int, last: bool, measured: torch.Tensor | None = None
+                    ) -> tuple[dict[str, float], dict[str, bytes]]:
     """Val/test accuracy, the model's label recovery on the noisy set and, for label-correcting methods,
     the accuracy of their corrected labels (exported with the last checkpoint)."""
     batch_size = cfg.train.eval_batch_size
@@ -266,11 +295,16 @@ def _evaluate_epoch(cfg: ExperimentConfig, method, meta, norm: Normaliser, colle
         extras |= exported
         if exported:
             extras[ckpt.EXPORTS_FILE] = json.dumps(sorted(exported)).encode()
-    if not cfg.train.eval_noisy_train:
+    if cfg.train.eval_noisy == "off":
         return metrics, extras
+    # `known` with fewer rows than the noisy set: those rows each epoch, and at the end one pass over every row
+    # for the exports whose metrics count the same rows.
+    split, counted = "noisy_eval", None
+    if measured is not None:
+        split, counted = ("noisy_eval", measured) if last else ("noisy_known", None)
     noisy_metrics, corrected, weights = evaluate_noisy(
-        method, ray.train.get_dataset_shard("noisy_eval"), norm, collective, batch_size, meta.num_classes, device,
-        corrected=method.corrects_labels, export=last, weights=method.weights_samples)
+        method, ray.train.get_dataset_shard(split), norm, collective, batch_size, meta.num_classes, device,
+        corrected=method.corrects_labels, export=last, weights=method.weights_samples, counted=counted)
     metrics |= noisy_metrics
     if corrected is not None and rank == 0:
         extras[ckpt.LABEL_TRANSITION_FILE] = json.dumps(corrected.confusion.tolist()).encode()

@@ -16,6 +16,7 @@ import ray.train
 
 from metacorrect.config import DataConfig, ExperimentConfig
 from metacorrect.datasets.contract import DataError, DatasetMeta, read_meta
+from metacorrect.datasets.labels import known_subset, label_digest
 from metacorrect.datasets.noise import parse_noise
 from metacorrect.datasets.prepare import prepare
 from metacorrect.datasets.stream import decoded_bytes, open_split
@@ -30,7 +31,8 @@ from metacorrect.platform.loop import RunContext, train_loop_per_worker
 from metacorrect.platform.records import log_missing_epochs
 from metacorrect.platform.results import RunResult
 
-SPLIT_ACROSS_WORKERS = ["noisy", "noisy_eval", "val", "test"]
+SPLIT_ACROSS_WORKERS = ["noisy", "noisy_eval", "noisy_known", "val", "test"]
+EVAL_IDS_FILE = "eval_noisy_ids.npy"  # in the run directory: the noisy ids `train.eval_noisy: known` measures
 
 
 class RunFailed(RuntimeError):
@@ -119,7 +121,8 @@ def build_trainer(cfg: ExperimentConfig, data_dir: Path, meta: DatasetMeta, *, n
     """The `TorchTrainer` of one run (Ray must be up): the same `storage/name` resumes from its checkpoint."""
     workers = cfg.resources.num_workers
     cpus = _cpus_per_worker(cfg)
-    datasets = _datasets(cfg, data_dir, meta)
+    eval_ids = _measured_noisy_ids(cfg, data_dir, storage / name)
+    datasets = _datasets(cfg, data_dir, meta, eval_ids)
     resources = {"CPU": cpus} | ({"GPU": cfg.resources.gpus_per_worker} if cfg.resources.use_gpu else {})
     return Trainer(
         train_loop_per_worker,
@@ -127,6 +130,7 @@ def build_trainer(cfg: ExperimentConfig, data_dir: Path, meta: DatasetMeta, *, n
         train_loop_config={"experiment": cfg.to_dict(), "run": vars(RunContext(
             data_dir=str(data_dir), tracking_uri=uri, mlflow_run_id=run_id, run_dir=str(storage / name),
             torch_threads=max(1, math.floor(cpus)),
+            eval_ids_file=str(storage / name / EVAL_IDS_FILE) if eval_ids is not None else None,
             local_checkpoints=None if workers else str(storage / name / "local_checkpoints"), progress=progress))},
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=cfg.resources.use_gpu,
                                                resources_per_worker=resources if workers else None),
@@ -169,7 +173,25 @@ def finish_run(cfg: ExperimentConfig, checkpoint: ray.train.Checkpoint | None, *
     return out
 
 
-def _datasets(cfg: ExperimentConfig, data_dir: Path, meta: DatasetMeta) -> dict[str, Any]:
+def _measured_noisy_ids(cfg: ExperimentConfig, data_dir: Path, run_dir: Path) -> np.ndarray | None:
+    """`train.eval_noisy: known`: the noisy ids measured each epoch when they are fewer than all noisy rows
+    (written to the run directory for the workers); None when every row is measured or none is. The same
+    subset for every method on the same data set (seed 0), so their curves compare."""
+    if cfg.train.eval_noisy != "known":
+        return None
+    ids, _, total = known_subset(data_dir, "noisy_train", cfg.train.eval_noisy_max, seed=0)
+    if len(ids) == total:
+        return None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    scratch = run_dir / f".{EVAL_IDS_FILE}.tmp"
+    with open(scratch, "wb") as f:
+        np.save(f, ids)
+    scratch.replace(run_dir / EVAL_IDS_FILE)
+    return ids
+
+
+def _datasets(cfg: ExperimentConfig, data_dir: Path, meta: DatasetMeta,
+              eval_ids: np.ndarray | None = None) -> dict[str, Any]:
     """Ray Datasets for the workers. Splits that fit `data.cache_mb` once decoded are materialised in the
     object store: each epoch then iterates them in milliseconds instead of re-reading and re-decoding
     (a pipeline start costs ~1-2 s here, which dominates small splits)."""
@@ -177,7 +199,7 @@ def _datasets(cfg: ExperimentConfig, data_dir: Path, meta: DatasetMeta) -> dict[
     context.enable_progress_bars = False  # one line per epoch is ours to print
     context.execution_options.preserve_order = cfg.data.deterministic  # also fixes the cached block order
     splits = {"noisy": "noisy_train", "clean": "clean_train", "val": "val", "test": "test"}
-    if cfg.train.eval_noisy_train:
+    if cfg.train.eval_noisy != "off":  # every row: each epoch (`all`), or once at the end for the exports
         splits["noisy_eval"] = "noisy_train"
     budget = cfg.data.cache_mb * 2**20
     cached: dict[str, Any] = {}
@@ -191,6 +213,10 @@ def _datasets(cfg: ExperimentConfig, data_dir: Path, meta: DatasetMeta) -> dict[
             budget -= decoded_bytes(meta, split)
             ds = cached[split] = ds.materialize()
         out[name] = ds
+    if eval_ids is not None:  # the measured rows alone, dropped before decoding
+        ds = open_split(data_dir, "noisy_train", meta, ids=eval_ids)
+        size = len(eval_ids) * (int(np.prod(meta.image_shape)) + 32)
+        out["noisy_known"] = ds.materialize() if size <= budget else ds
     return out
 
 
@@ -211,6 +237,7 @@ def _log_start(uri: str, run_id: str, cfg: ExperimentConfig, meta: DatasetMeta, 
                                                     "data.actual_noise_rate": meta.actual_noise_rate})
     c.log_text(run_id, cfg.to_yaml(), "config.yaml")
     c.log_text(run_id, (data_dir / "meta.json").read_text(), "data/meta.json")
+    tracking.log_dataset(uri, run_id, meta.name, str(data_dir), label_digest(data_dir))
     fig = plots.transition_heatmap(np.array(meta.transition), meta.class_names,
                                    f"noise transition T[true, noisy]: {meta.noise}")
     c.log_figure(run_id, fig, "plots/noise_transition.png")

@@ -1,0 +1,35 @@
+"""What every run records about its inputs and its machine in MLflow: the data set as a dataset input whose
+digest is that of its noisy labels (two runs on the same noise realisation show the same digest, another
+realisation another), and system metrics of the node that trained."""
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_runs_log_their_data_set_by_label_digest_and_system_metrics(ray_cluster, digits_noisy, digits_clean,
+                                                                    experiment):
+    from mlflow.tracking import MlflowClient
+
+    from metacorrect.datasets.contract import read_meta
+    from metacorrect.datasets.labels import label_digest
+    from metacorrect.platform.trainer import run
+
+    def trained(data):
+        result = run(experiment(data, resources__num_workers=0, train__epochs=2,
+                                tracking__system_metrics_interval_s=0.2), progress=False)
+        mlrun = MlflowClient(result.tracking_uri).get_run(result.mlflow_run_id)
+        (dataset,) = [d.dataset for d in mlrun.inputs.dataset_inputs]
+        return mlrun, dataset
+
+    first, dataset = trained(digits_noisy)
+    assert dataset.name == read_meta(digits_noisy).name and dataset.digest == label_digest(digits_noisy)
+    assert str(digits_noisy) in dataset.source
+    assert any(k.startswith("system/cpu_utilization_percentage") for k in first.data.metrics), \
+        sorted(first.data.metrics)
+    assert any(k.startswith("system/system_memory_usage") for k in first.data.metrics)
+    _, same = trained(digits_noisy)
+    _, other = trained(digits_clean)
+    assert same.digest == dataset.digest, "the same noisy labels, the same digest"
+    assert other.digest != dataset.digest, "another noise realisation, another digest"

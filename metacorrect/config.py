@@ -428,6 +428,8 @@ def _convert(tp: Any, value: Any, dotted: str, problems: list[str]) -> tuple[boo
     elif tp is str:
         if isinstance(value, str):
             return True, value
+        if isinstance(value, bool):  # YAML 1.1 reads off/on (and no/yes) as booleans; a text field means the word
+            return True, "on" if value else "off"
     problems.append(f"{dotted}: expected {_type_name(tp)}, got {value!r}")
     return False, None
 

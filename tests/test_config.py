@@ -316,3 +316,16 @@ def test_cli_console_script_exit_code(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert proc.stderr.splitlines()[0].startswith("error: model.arch: unknown architecture 'vgg16'")
     assert proc.stdout == ""
+
+
+def test_scale_fields_parse_and_renamed_fields_name_their_successor() -> None:
+    cfg = ExperimentConfig().with_overrides(["train.eval_noisy=off", "train.checkpoint_every=500",
+                                             "train.precision=bf16", "model.channels_last=true"])
+    assert (cfg.train.eval_noisy, cfg.train.checkpoint_every, cfg.train.precision, cfg.model.channels_last) == \
+        ("off", 500, "bf16", True), "YAML reads `off` as false; the text field keeps the word"
+    with pytest.raises(ConfigError, match=r"train.eval_noisy_train: renamed to train.eval_noisy"):
+        ExperimentConfig().with_overrides(["train.eval_noisy_train=false"])
+    with pytest.raises(ConfigError, match=r"train.precision: expected one of fp32, bf16, got 'fp16'"):
+        ExperimentConfig().with_overrides(["train.precision=fp16"])
+    with pytest.raises(ConfigError, match=r"train.checkpoint_every: must be >= 0"):
+        ExperimentConfig().with_overrides(["train.checkpoint_every=-1"])

@@ -36,6 +36,7 @@ def quiet_this_process() -> None:
 
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
     logging.getLogger(PROGRESS_LOGGER).setLevel(logging.ERROR)
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # "started/terminated monitoring"
     for handler in logging.getLogger("ray.data").handlers:
         if not hasattr(handler, "baseFilename") and type(handler).__name__ != "SessionFileHandler":
             handler.setLevel(logging.WARNING)

@@ -4,14 +4,15 @@ README "Step checkpoints and step metrics").
 
 Prepares (once) a synthetic set of --n images (64x64x3, 14 classes, 40% symmetric noise), then trains, per
 row, --epochs epochs with `checkpoint_every` and `log_every`:
-  - erm with eval_noisy all, and erm and one meta method with eval_noisy known (at most 50,000 rows measured);
+  - erm with eval_noisy all, and erm and one meta method (EMLC, k = 5) with eval_noisy known (at most 50,000
+    rows measured);
   - in the rows marked "killed", one Ray Train worker is SIGKILLed by pid halfway through the first epoch.
 Printed per row: steps, steps lost (the last step the killed attempt trained minus the step it resumed from),
 wall seconds, the share of the first epoch spent evaluating (epoch time minus training time; the last epoch
 also makes the full pass for the exports), and the peak RSS of the driver and of the largest worker.
 
     python benchmarks/scale_run.py                      # 200,000 images, batch 256, 2 epochs
-    python benchmarks/scale_run.py --n 50000 --method mslg
+    python benchmarks/scale_run.py --n 50000 --method mslg --method-set method.warmup_epochs=0
 """
 from __future__ import annotations
 
@@ -50,12 +51,13 @@ def _trace_steps(trace: Path) -> tuple[int, int]:
     return max(first), min(second)
 
 
-def measure(base: list[str], method: str, eval_noisy: str, kill: bool, work: Path, steps_per_epoch: int) -> dict:
+def measure(base: list[str], method: str, eval_noisy: str, kill: bool, work: Path, steps_per_epoch: int,
+            method_sets: list[str] = ()) -> dict:
     name = f"{method}-{eval_noisy}-{'killed' if kill else 'whole'}"
     trace = work / "trace" / name
     cfg = ExperimentConfig.from_dict({"method": {"name": method}}).with_overrides(
         base + [f"train.eval_noisy={eval_noisy}", f"tracking.run_name={name}", f"train.trace_ids_dir={trace}"]
-        + (["method.warmup_epochs=0"] if method == "mslg" else []))
+        + list(method_sets))
     outcome, peaks = {}, {"driver": 0, "worker": 0}
     driver = threading.Thread(target=lambda: outcome.update(result=run(cfg, progress=False)))
     started = time.time()
@@ -90,12 +92,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=200_000)
     parser.add_argument("--data", default=None, help="a prepared data set to reuse (default: prepared under /tmp)")
-    parser.add_argument("--method", default="mslg", help="the meta method of the last rows")
+    parser.add_argument("--method", default="emlc", help="the meta method of the last row")
+    parser.add_argument("--method-set", action="append", default=None,
+                        help="a field of the meta method (repeatable; default for emlc: method.k=5, its k-step "
+                             "look-ahead)")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--checkpoint-every", type=int, default=50)
     parser.add_argument("--width", type=int, default=8)
     args = parser.parse_args()
+    if args.method_set is None:
+        args.method_set = ["method.k=5"] if args.method == "emlc" else []
     os.environ.setdefault("RAY_ADDRESS", "local")
     work = Path(tempfile.mkdtemp(prefix="scale-run-"))
     data = Path(args.data) if args.data else Path(f"/tmp/scale-run-syn{args.n}")
@@ -112,7 +119,7 @@ def main() -> None:
             "tracking.system_metrics_interval_s=2"]
     rows = [measure(base, "erm", "all", False, work, steps_per_epoch),
             measure(base, "erm", "known", True, work, steps_per_epoch),
-            measure(base, args.method, "known", True, work, steps_per_epoch)]
+            measure(base, args.method, "known", True, work, steps_per_epoch, args.method_set)]
     print(f"\n# {noisy:,} noisy images of {args.n:,} (64x64x3 JPEG, 14 classes), batch {args.batch}, "
           f"{steps_per_epoch} steps an epoch, {args.epochs} epochs, checkpoint_every {args.checkpoint_every}, "
           f"2 workers, small_cnn width {args.width}; {time.strftime('%Y-%m-%d')}")

@@ -118,10 +118,17 @@ def test_a_driver_killed_mid_epoch_resumes_inside_it_each_id_once_and_ends_as_an
     assert [h["val_accuracy"] for h in resumed.history] == [h["val_accuracy"] for h in straight.history]
 
     steps = EPOCHS * (NOISY_ROWS // BATCH + 1)
-    for key in ("step/samples_per_s", "step/train_loss", "step/lr"):
+    for key in ("step/samples_per_s", "step/train_loss", "step/lr", "step/meta_share", "step/step_time_s"):
         assert _step_history(resumed.tracking_uri, resumed.mlflow_run_id, key) == \
             list(range(LOG_EVERY, steps + 1, LOG_EVERY)), f"{key}: each step once, at the global step"
     assert _step_history(resumed.tracking_uri, resumed.mlflow_run_id, "val_accuracy") == list(range(1, EPOCHS + 1))
+    from mlflow.tracking import MlflowClient
+
+    shares = {m.step: m.value for m in MlflowClient(resumed.tracking_uri).get_metric_history(
+        resumed.mlflow_run_id, "step/meta_share")}
+    per_epoch = NOISY_ROWS // BATCH + 1
+    assert all(v == 0.0 for s, v in shares.items() if s <= per_epoch), "warm-up epoch: no meta step"
+    assert all(0.0 < v < 1.0 for s, v in shares.items() if s > per_epoch + LOG_EVERY), "then one every step"
     assert (run_dir / "best" / "model.pt").is_file(), "the best epoch's model is kept apart"
     assert len(_committed(run_dir)) == 2, "train.keep_checkpoints=2"
 

@@ -5,6 +5,9 @@ them for metrics). Gradients go through `self.collective`, so a method is writte
 """
 from __future__ import annotations
 
+import contextlib
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -24,6 +27,28 @@ class Batch:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+
+class MetaClock:
+    """Wall seconds a method spends in its meta step (look-ahead, meta-gradient, meta-model or table update), so
+    the platform can log the meta step's share of step time. On a GPU the device is synchronised at both ends,
+    so queued kernels count where they belong."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    @contextlib.contextmanager
+    def __call__(self, device: torch.device) -> Iterator[None]:
+        cuda = device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            if cuda:
+                torch.cuda.synchronize(device)
+            self.seconds += time.perf_counter() - started
 
 
 class Method:
@@ -46,6 +71,11 @@ class Method:
         self.num_classes = num_classes
         self.num_noisy = num_noisy
         self.collective = collective
+        self.meta_clock = MetaClock()
+
+    def meta_phase(self) -> contextlib.AbstractContextManager:
+        """Wrap the meta part of `step` in this (its time is the `step/meta_share` metric)."""
+        return self.meta_clock(next(self.model.parameters()).device)
 
     def step(self, noisy: Batch, clean: Batch) -> dict[str, float]:
         raise NotImplementedError

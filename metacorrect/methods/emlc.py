@@ -173,7 +173,8 @@ class EMLC(Method):
         if clean_ce is not None:
             out["clean_loss"] = float(clean_ce.detach())
         if self.engine.ready:
-            out |= self._teacher_step(clean, meta)
+            with self.meta_phase():
+                out |= self._teacher_step(clean, meta)
             out.setdefault("clean_loss", out["meta_loss"])
         return out
 

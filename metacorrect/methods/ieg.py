@@ -214,7 +214,8 @@ class IEG(Method):
         logits = self.model(noisy.x)
         view_logits = self.model(views.flatten(0, 1))
         guess = pseudo_labels([logits] + list(view_logits.split(n)), m.temperature)
-        co = self.data_coefficients(noisy, clean, guess, logits)
+        with self.meta_phase():
+            co = self.data_coefficients(noisy, clean, guess, logits)
         self.table.record(noisy.ids, co.weight, co.rows.share, self.collective)
 
         onehot = F.one_hot(noisy.label, self.num_classes).to(logits.dtype)

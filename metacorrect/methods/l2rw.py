@@ -76,7 +76,8 @@ class L2RW(Method):
         return normalised_weights(scores, rows, self.collective), rows, clean_loss
 
     def step(self, noisy: Batch, clean: Batch) -> dict[str, float]:
-        u, rows, clean_loss = self.example_weights(noisy, clean)
+        with self.meta_phase():
+            u, rows, clean_loss = self.example_weights(noisy, clean)
         self.table.record(noisy.ids, u, rows.share, self.collective)
         ce = F.cross_entropy(self.model(noisy.x), noisy.label, reduction="none")
         loss = (u * ce).mean() if len(ce) else ce.sum()

@@ -193,8 +193,9 @@ class MLC(Method):
         if clean_ce is not None:
             out["clean_loss"] = float(clean_ce.detach())
         if self.engine.ready:
-            self.meta_optimizer.zero_grad(set_to_none=True)  # MLC zeroes before every call (Eq. 4–6)
-            stats = self.engine.meta_backward(meta.x, meta.label, self._targets, clean_weight=meta.weight)
+            with self.meta_phase():
+                self.meta_optimizer.zero_grad(set_to_none=True)  # MLC zeroes before every call (Eq. 4–6)
+                stats = self.engine.meta_backward(meta.x, meta.label, self._targets, clean_weight=meta.weight)
             out["meta_loss"] = stats["meta_loss"]
             out.setdefault("clean_loss", stats["meta_loss"])
             if "meta_gamma" in stats:

@@ -97,14 +97,15 @@ class MSLG(Method):
         def kl(targets: Tensor) -> Tensor:  # L_c = KL(p ‖ ŷ) = Σ p log p + ⟨p, −log ŷ⟩
             return neg_entropy + lower_loss("reverse_kl", logits, targets)
 
-        result = labels_first_meta_grad(
-            self.model, self.optimizer, "reverse_kl", noisy.x, kl, a, clean.x, clean.label,
-            weight=noisy.weight, clean_weight=clean.weight, collective=self.collective, step=m.lookahead_lr,
-            mode=m.meta_grad)
-        (grad_rows,) = torch.autograd.grad(a, leaf, result.grad_a)
-        new_rows = (rows - m.label_lr * grad_rows).detach()
-        keep = slice(None) if real else slice(0, 0)
-        self.table.update(noisy.ids[keep], new_rows[keep], noisy.label[keep])
+        with self.meta_phase():
+            result = labels_first_meta_grad(
+                self.model, self.optimizer, "reverse_kl", noisy.x, kl, a, clean.x, clean.label,
+                weight=noisy.weight, clean_weight=clean.weight, collective=self.collective, step=m.lookahead_lr,
+                mode=m.meta_grad)
+            (grad_rows,) = torch.autograd.grad(a, leaf, result.grad_a)
+            new_rows = (rows - m.label_lr * grad_rows).detach()
+            keep = slice(None) if real else slice(0, 0)
+            self.table.update(noisy.ids[keep], new_rows[keep], noisy.label[keep])
 
         kl_new = kl(-F.log_softmax(new_rows, dim=1))
         loss = kl_new - m.gamma * neg_entropy  # + γ·L_e, L_e = −Σ p log p

@@ -137,8 +137,9 @@ class MWNet(Method):
         ce = F.cross_entropy(self.model(noisy.x), noisy.label, reduction="none")  # the real step's forward
         v = self.vnet(ce.detach())
         u, total = self._weights(v, rows)
-        coeff, meta_loss = self.weight_coefficients(noisy.x, noisy.label, ce, u, rows, clean)
-        self._vnet_step(v, coeff, rows, total)
+        with self.meta_phase():
+            coeff, meta_loss = self.weight_coefficients(noisy.x, noisy.label, ce, u, rows, clean)
+            self._vnet_step(v, coeff, rows, total)
         with torch.no_grad():
             u_new, _ = self._weights(self.vnet(ce.detach()), rows)
         loss = (u_new * ce).mean() if len(ce) else ce.sum()

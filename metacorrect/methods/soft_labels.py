@@ -120,20 +120,21 @@ class SoftLabels(Method):
         def lower(t: Tensor) -> Tensor:
             return lower_loss("soft_ce", logits, t)
 
-        result = labels_first_meta_grad(self.model, self.optimizer, "soft_ce", noisy.x, lower, a, clean.x,
-                                        clean.label, weight=noisy.weight, clean_weight=clean.weight,
-                                        collective=self.collective, mode=m.meta_grad)
-        (grad,) = torch.autograd.grad(a, params, result.grad_a)
-        with torch.no_grad():
-            if self.alpha is not None:
-                grad = self.collective.sum(grad)  # shared α: every worker's rows contribute
-                self.alpha.sub_(m.label_lr * grad).clamp_(0.0, 1.0)
-                new_targets = smoothed_targets(self.alpha, noisy.label, self.num_classes)
-            else:
-                new_rows = params.detach() - m.label_lr * grad
-                keep = slice(None) if real else slice(0, 0)
-                self.table.update(noisy.ids[keep], new_rows[keep], noisy.label[keep])
-                new_targets = F.softmax(new_rows, dim=1)
+        with self.meta_phase():
+            result = labels_first_meta_grad(self.model, self.optimizer, "soft_ce", noisy.x, lower, a, clean.x,
+                                            clean.label, weight=noisy.weight, clean_weight=clean.weight,
+                                            collective=self.collective, mode=m.meta_grad)
+            (grad,) = torch.autograd.grad(a, params, result.grad_a)
+            with torch.no_grad():
+                if self.alpha is not None:
+                    grad = self.collective.sum(grad)  # shared α: every worker's rows contribute
+                    self.alpha.sub_(m.label_lr * grad).clamp_(0.0, 1.0)
+                    new_targets = smoothed_targets(self.alpha, noisy.label, self.num_classes)
+                else:
+                    new_rows = params.detach() - m.label_lr * grad
+                    keep = slice(None) if real else slice(0, 0)
+                    self.table.update(noisy.ids[keep], new_rows[keep], noisy.label[keep])
+                    new_targets = F.softmax(new_rows, dim=1)
         if weights is not None:
             new_targets = new_targets * entropy_weights(new_targets).unsqueeze(1)
         loss = lower(new_targets)

@@ -164,8 +164,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 last = noisy
                 consumed.mark(noisy.ids)
             trace.write(epoch, at.global_step + 1, noisy)
+            started_step, meta_before = time.perf_counter(), method.meta_clock.seconds
             with precision:
                 out = method.step(noisy, next(clean))
+            window.time(time.perf_counter() - started_step, method.meta_clock.seconds - meta_before)
             sums.add(out, noisy.weight)
             window.add(out, noisy.weight)
             at.steps_in_epoch += 1
@@ -228,11 +230,17 @@ class StepWindow:
 
     def __init__(self, started: float):
         self.sums, self.since, self.steps = EpochSums(), started, 0
+        self.step_s = self.meta_s = 0.0
         self.logged: list[tuple[int, dict[str, float]]] = []
 
     def add(self, out: dict[str, float], weight: float) -> None:
         self.sums.add(out, weight)
         self.steps += 1
+
+    def time(self, step_s: float, meta_s: float) -> None:
+        """The wall time of a method step and of its meta part (`Method.meta_phase`)."""
+        self.step_s += step_s
+        self.meta_s += meta_s
 
     def reduce(self, collective: Collective, device, global_step: int, lr: float) -> dict[str, float]:
         """The window's metrics over every worker, as a step row (also kept for the next checkpoint)."""
@@ -240,9 +248,11 @@ class StepWindow:
         now = time.time()
         row = {f"step/{k}": v for k, v in totals.items() if k != "noisy_rows_seen"}
         row |= {"step/lr": lr, STEP_KEY: totals["noisy_rows_seen"] / max(now - self.since, 1e-9),
-                "global_step": global_step}
+                "step/step_time_s": self.step_s / max(self.steps, 1),
+                "step/meta_share": self.meta_s / max(self.step_s, 1e-12), "global_step": global_step}
         self.logged.append((global_step, {k: v for k, v in row.items() if k != "global_step"}))
         self.sums, self.since, self.steps = EpochSums(), now, 0
+        self.step_s = self.meta_s = 0.0
         return row
 
     def take_logged(self) -> list[tuple[int, dict[str, float]]]:

@@ -6,7 +6,8 @@ Prepares (once) a synthetic set of --n images (64x64x3, 14 classes, 40% symmetri
 row, --epochs epochs with `checkpoint_every` and `log_every`:
   - erm with eval_noisy all, and erm and one meta method (EMLC, k = 5) with eval_noisy known (at most 50,000
     rows measured);
-  - in the rows marked "killed", one Ray Train worker is SIGKILLed by pid halfway through the first epoch.
+  - in the rows marked "killed", one Ray Train worker is SIGKILLed by pid halfway through the first epoch;
+  - the meta method's row trains --meta-epochs epochs (default 1, so its evaluation column is the final pass).
 Printed per row: steps, steps lost (the last step the killed attempt trained minus the step it resumed from),
 wall seconds, the share of the first epoch spent evaluating (epoch time minus training time; the last epoch
 also makes the full pass for the exports), and the peak RSS of the driver and of the largest worker.
@@ -34,10 +35,14 @@ from metacorrect.platform.memory import rss_bytes  # noqa: E402
 from metacorrect.platform.trainer import run  # noqa: E402
 
 
-def _workers() -> list[int]:
+def _workers(address: str) -> list[int]:
     from ray.util.state import list_actors
 
-    return [a["pid"] for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
+    try:
+        return [a["pid"] for a in list_actors(address=address, filters=[("class_name", "=", "RayTrainWorker"),
+                                                                         ("state", "=", "ALIVE")])]
+    except Exception:  # noqa: BLE001 - the state API between two runs: no workers to sample
+        return []
 
 
 def _trace_steps(trace: Path) -> tuple[int, int]:
@@ -52,20 +57,20 @@ def _trace_steps(trace: Path) -> tuple[int, int]:
 
 
 def measure(base: list[str], method: str, eval_noisy: str, kill: bool, work: Path, steps_per_epoch: int,
-            method_sets: list[str] = ()) -> dict:
+            address: str, method_sets: list[str] = ()) -> dict:
     name = f"{method}-{eval_noisy}-{'killed' if kill else 'whole'}"
     trace = work / "trace" / name
     cfg = ExperimentConfig.from_dict({"method": {"name": method}}).with_overrides(
         base + [f"train.eval_noisy={eval_noisy}", f"tracking.run_name={name}", f"train.trace_ids_dir={trace}"]
         + list(method_sets))
     outcome, peaks = {}, {"driver": 0, "worker": 0}
-    driver = threading.Thread(target=lambda: outcome.update(result=run(cfg, progress=False)))
+    driver = threading.Thread(target=lambda: outcome.update(result=run(cfg, progress=False)), daemon=True)
     started = time.time()
     driver.start()
     killed = False
     while driver.is_alive():
         peaks["driver"] = max(peaks["driver"], rss_bytes())
-        pids = _workers()
+        pids = _workers(address)
         peaks["worker"] = max([peaks["worker"]] + [rss_bytes(p) for p in pids])
         if kill and not killed and pids:
             done = max((len(f.read_text().splitlines()) for f in trace.glob("ids-rank0-*.jsonl")), default=0)
@@ -74,6 +79,8 @@ def measure(base: list[str], method: str, eval_noisy: str, kill: bool, work: Pat
                 killed = True
         time.sleep(0.5)
     driver.join()
+    if "result" not in outcome:
+        sys.exit(f"scale_run: the run {name} failed (see the log above)")
     result = outcome["result"]
     first = result.history[0]
     train_s = first["noisy_rows_seen"] / first["train_samples_per_s"]
@@ -97,6 +104,8 @@ def main() -> None:
                         help="a field of the meta method (repeatable; default for emlc: method.k=5, its k-step "
                              "look-ahead)")
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--meta-epochs", type=int, default=1,
+                        help="epochs of the meta method's row (1: its evaluation column is the final full pass)")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--checkpoint-every", type=int, default=50)
     parser.add_argument("--width", type=int, default=8)
@@ -117,9 +126,16 @@ def main() -> None:
             "resources.num_workers=2", f"tracking.uri=sqlite:///{work / 'mlflow.db'}",
             f"tracking.storage_path={work / 'runs'}", "tracking.experiment=scale-run",
             "tracking.system_metrics_interval_s=2"]
-    rows = [measure(base, "erm", "all", False, work, steps_per_epoch),
-            measure(base, "erm", "known", True, work, steps_per_epoch),
-            measure(base, args.method, "known", True, work, steps_per_epoch, args.method_set)]
+    import ray
+
+    from metacorrect.platform.cluster import ensure_ray
+
+    ensure_ray()
+    address = ray.get_runtime_context().gcs_address
+    rows = [measure(base, "erm", "all", False, work, steps_per_epoch, address),
+            measure(base, "erm", "known", True, work, steps_per_epoch, address),
+            measure(base + [f"train.epochs={args.meta_epochs}"], args.method, "known", True, work, steps_per_epoch,
+                    address, args.method_set)]
     print(f"\n# {noisy:,} noisy images of {args.n:,} (64x64x3 JPEG, 14 classes), batch {args.batch}, "
           f"{steps_per_epoch} steps an epoch, {args.epochs} epochs, checkpoint_every {args.checkpoint_every}, "
           f"2 workers, small_cnn width {args.width}; {time.strftime('%Y-%m-%d')}")

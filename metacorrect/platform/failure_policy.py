@@ -49,6 +49,9 @@ def one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {first_line(error)}"
 
 
+JOURNAL_GRACE_S = 3.0
+
+
 class RetryTransientFailures(DefaultFailurePolicy):
     """Ray's default policy, except that a worker error from `DETERMINISTIC` is raised at once."""
 
@@ -68,6 +71,10 @@ class RetryTransientFailures(DefaultFailurePolicy):
     def _record(self, decision: FailureDecision, errors: dict) -> None:
         if not self.journal:
             return
+        # A driver that dies (SIGKILL, a lost head) takes its workers down, and this controller can see their
+        # health checks fail before Ray ends the controller too: that is not a training failure. Waiting a
+        # moment lets Ray end it first, so only failures of a living run reach the journal.
+        time.sleep(JOURNAL_GRACE_S)
         entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "decision": decision.value.lower(),
                  "deterministic": any(is_deterministic(e) for e in errors.values()),
                  "errors": {str(rank): one_line(e) for rank, e in errors.items()}}

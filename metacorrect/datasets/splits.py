@@ -1,7 +1,7 @@
 """Per-class, seeded splits of a source pool into test / val / clean (meta) / noisy, disjoint by construction.
 
 The official MLC and EMLC loaders draw the clean and noisy sets with different RNG states, so ~98% of
-the "clean" images also sit in the noisy set with corrupted labels (reference/methods.md §1.3).
+the "clean" images also sit in the noisy set with corrupted labels.
 Here one permutation per class is cut into consecutive, non-overlapping pieces.
 """
 from __future__ import annotations

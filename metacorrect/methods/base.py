@@ -1,4 +1,4 @@
-"""The method interface (DESIGN.md "Methods"): one training iteration on a noisy and a clean batch.
+"""The method interface (README "How a run works"): one training iteration on a noisy and a clean batch.
 
 A method sees ids, inputs and the labels it may use; true labels never reach it (the platform keeps
 them for metrics). Gradients go through `self.collective`, so a method is written once for 1..N workers.

@@ -1,4 +1,4 @@
-"""Per-sample learnable labels, one row per noisy id, replicated on every worker (DESIGN.md "Label table").
+"""Per-sample learnable labels, one row per noisy id, replicated on every worker (README "Learned labels").
 
 The table holds the label parameters of MSLG (logits y^d) and of instance-level meta soft labels: a
 (num_noisy, C) float32 tensor on the training device, indexed by the dense `id` of the data contract.

@@ -1,4 +1,4 @@
-"""MLC — Meta Label Correction (Zheng, Awadallah & Dumais, AAAI'21; seeds/002, reference/methods.md §2).
+"""MLC — Meta Label Correction (Zheng, Awadallah & Dumais, AAAI'21; README "Meta methods").
 
 A label correction network (LCN) g_α(h(x), ỹ) turns the student's stop-gradient penultimate features and
 the noisy label into a soft label; the student trains on it (plus half of each clean batch with its hard

@@ -1,4 +1,4 @@
-"""MSLG — Meta Soft Label Generation (Algan & Ulusoy, ICPR'20; seeds/000, reference/methods.md §4).
+"""MSLG — Meta Soft Label Generation (Algan & Ulusoy, ICPR'20; README "Learned labels").
 
 Per noisy sample a row of label logits y^d in the label table, initialised to K·onehot(ỹ); the soft
 label is ŷ = softmax(y^d). After `warmup_epochs` of plain cross-entropy on the noisy labels, every

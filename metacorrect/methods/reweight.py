@@ -1,5 +1,5 @@
 """Pieces shared by the methods that decide per-sample data coefficients BEFORE the real step, from one
-look-ahead at the current weights (L2RW, MW-Net, IEG; reference/methods.md §5, §7, §8).
+look-ahead at the current weights (L2RW, MW-Net, IEG).
 
 Weights are kept "mean-1": a worker's lower loss is (1/n) Σ_i u_i ℓ_i over its n rows, and its gradients are
 averaged over workers weighted by the rows that count (Method.optimizer_step), so the global lower loss is

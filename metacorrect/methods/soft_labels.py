@@ -1,4 +1,4 @@
-"""Meta-learned soft labels (Vyas, Saxena & Voice, 2020; seeds/004, reference/methods.md §6).
+"""Meta-learned soft labels (Vyas, Saxena & Voice, 2020; README "Learned labels").
 
 Algorithm 1, every step, labels first and then the model:
 

@@ -1,7 +1,7 @@
 """One sweep trial = one full Ray Train run of the platform, launched from a Ray Tune function trainable.
 
-Train V2 cannot be handed to a `Tuner` directly (reference/platform.md §1.5): the trial function builds the
-same `TorchTrainer` as `metacorrect run` and forwards every per-epoch report to Tune (`TuneReportCallback`),
+Ray Train V2 (Ray 2.60) no longer accepts a Trainer as a `Tuner`'s trainable: the trial function builds the
+same `TorchTrainer` as `metacorrect run` and forwards every epoch report to Tune (mid-epoch ones are not),
 so schedulers such as ASHA see the validation metric after each epoch.
 
 Resume: a trial's Train run is named after its Tune trial id, which survives `Tuner.restore`, so a restarted

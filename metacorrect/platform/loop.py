@@ -199,6 +199,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         records.commit(checkpoint_name(epoch + 1), metrics, snapshot(epoch + 1), extras,
                        rows=window.take_logged() + [(epoch + 1, metrics)], best=improved)
     records.close()
+    trace.close()
     if monitor is not None:
         monitor.finish()
 
@@ -284,6 +285,10 @@ class _IdTrace:
             ids = batch.ids.tolist() if batch.weight else []
             self.file.write(json.dumps({"epoch": epoch, "step": step, "ids": ids}) + "\n")
             self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
 
 
 def _evaluate_epoch(cfg: ExperimentConfig, method, meta, norm: Normaliser, collective: Collective, device,

@@ -8,6 +8,13 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+# Ray Train timings for a suite of short runs, set before the test cluster starts so that every Ray process
+# inherits them (the drivers the tests start as subprocesses too). The controller polls its workers every 2 s
+# by default, so each run ends, and each report is taken, up to 2 s late; the preemption watcher is one more
+# actor per run and only acts on cloud nodes that announce preemption. Measured on the 2-core box: a one-epoch
+# two-worker run takes 12 s instead of 15 s.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # tests share the benchmarks' settings
 
 

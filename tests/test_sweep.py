@@ -95,6 +95,24 @@ def test_invalid_space_fails_before_any_trial_with_one_line_per_problem(tmp_path
     assert not storage.exists()
 
 
+def test_an_interrupted_sweep_closes_its_open_children_and_only_those(tmp_path):
+    """The sweep driver owns its children's status: on interrupt it closes the children still RUNNING (KILLED)
+    and leaves a finished one as it was."""
+    from metacorrect.platform import tracking
+
+    uri = tracking.resolve_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent, _ = tracking.start_run(uri, "close-children", "parent", tmp_path / "parent")
+    children = [tracking.start_run(uri, "close-children", f"trial-{i}", tmp_path / f"t{i}",
+                                   tags={"mlflow.parentRunId": parent})[0] for i in range(3)]
+    other, _ = tracking.start_run(uri, "close-children", "unrelated", tmp_path / "other")
+    tracking.end_run(uri, children[0], "FINISHED")
+    assert tracking.end_open_children(uri, parent, "KILLED") == 2
+    c = tracking.client(uri)
+    assert [c.get_run(r).info.status for r in children] == ["FINISHED", "KILLED", "KILLED"]
+    assert c.get_run(other).info.status == "RUNNING" and c.get_run(parent).info.status == "RUNNING"
+    assert tracking.end_open_children(uri, parent, "KILLED") == 0
+
+
 # ---- real sweeps ------------------------------------------------------------------------------------------
 def test_trial_id_comes_from_tune_not_from_a_suffixed_directory(tmp_path):
     """A trial re-created on resume gets `trial-ID_1a2b` as its directory when the killed driver had already

@@ -3,7 +3,8 @@ Train workers and on one (the loop in the driver), 4 epochs of digits with 60% s
 what run-to-run noise allows: `benchmarks/workers_agreement.py` measures, with the same settings, how far two
 one-worker runs of different seeds end apart, and the bounds below hold that with room (README "Workers").
 
-The two-worker erm and clean_only runs are also the check that a multi-worker run logs everything to MLflow.
+The two-worker erm and clean_only runs are also the check that a multi-worker run logs everything to MLflow, and
+all of these runs together the check that a finished run leaves no actor or placement group behind.
 The exact two-workers-equal-one property of each step is tested with two gloo ranks in the methods' own test
 files, and the global batches behind it in test_global_batches.py."""
 from __future__ import annotations
@@ -35,29 +36,44 @@ BOUNDS = {
 NOISY_ROWS = 1138
 
 
+RAY_DATA_SERVICES = {"_StatsActor", "_AutoscalingCoordinatorActor"}  # cluster-wide, shared by every data set
+
+
+def _alive_actors() -> dict[str, str]:
+    from ray.util.state import list_actors
+
+    return {a["actor_id"]: a["class_name"] for a in list_actors(filters=[("state", "=", "ALIVE")])}
+
+
 @pytest.fixture(scope="module")
 def runs(ray_cluster, digits_noisy, workdir, tracking_uri, erm_two_workers_one_killed):
+    """Each method once on two Ray Train workers and once in the driver. The two-worker runs go two at a time
+    beside the driver's runs (a quarter CPU per worker, so Ray Data keeps a CPU): on 2 cores most of a short
+    run is Ray starting and stopping processes, which overlaps well. Returns (runs, actors alive before)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from metacorrect.config import ExperimentConfig
     from metacorrect.platform.trainer import run
 
+    before = _alive_actors()
     common = [f"data.path={digits_noisy}", f"train.epochs={EPOCHS}", "model.width=16", f"tracking.uri={tracking_uri}",
               f"tracking.storage_path={workdir / 'runs'}", "tracking.experiment=tests-workers"]
-    out = {}
-    for method in METHODS:
-        cfg = ExperimentConfig.from_yaml(config_file(method), method_overrides(method, common))
-        one = run(cfg.with_overrides(["resources.num_workers=0", "data.deterministic=true"]), progress=False)
+    configs = {m: ExperimentConfig.from_yaml(config_file(m), method_overrides(m, common)) for m in METHODS}
+    with ThreadPoolExecutor(max_workers=2) as pool:
         # erm's two-worker run had a worker killed and retried (conftest): it must still learn what one learns.
-        two = erm_two_workers_one_killed[0] if method == "erm" else run(
-            cfg.with_overrides(["resources.num_workers=2"]), progress=False)
-        out[method] = (one, two)
-    return out
+        two = {m: pool.submit(run, cfg.with_overrides(["resources.num_workers=2", "resources.cpus_per_worker=0.25"]),
+                              progress=False) for m, cfg in configs.items() if m != "erm"}
+        one = {m: run(cfg.with_overrides(["resources.num_workers=0", "data.deterministic=true"]), progress=False)
+               for m, cfg in configs.items()}
+        out = {m: (one[m], erm_two_workers_one_killed[0] if m == "erm" else two[m].result()) for m in METHODS}
+    return out, before
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_two_workers_learn_what_one_worker_learns(runs, method):
     from metacorrect.platform.results import agreement
 
-    one, two = runs[method]
+    one, two = runs[0][method]
     assert [h["steps"] for h in two.history] == [h["steps"] for h in one.history] == [18] * EPOCHS, \
         "the same global batches: 17 of 64 rows and one of 50, every epoch"
     assert all(h["noisy_rows_seen"] == NOISY_ROWS for h in two.history)
@@ -72,7 +88,7 @@ def test_two_workers_learn_what_one_worker_learns(runs, method):
 def test_a_two_worker_run_logs_params_metrics_and_artifacts(runs, method):
     from mlflow.tracking import MlflowClient
 
-    result = runs[method][1]
+    result = runs[0][method][1]
     client = MlflowClient(tracking_uri=result.tracking_uri)  # a fresh client on the same store
     mlrun = client.get_run(result.mlflow_run_id)
     assert mlrun.info.status == "FINISHED"
@@ -86,6 +102,24 @@ def test_a_two_worker_run_logs_params_metrics_and_artifacts(runs, method):
                  "data/meta.json"):
         assert artifacts.get(name, 0) > 0, f"{name} missing or empty in {sorted(artifacts)}"
     assert result.metrics["test_accuracy"] > 0.5, "it learns (4 epochs of a narrow CNN on 60% noise)"
+
+
+def test_runs_leave_no_actor_or_placement_group_behind(runs):
+    """After the 17 `run()` calls of this process (two workers, two at a time, and the loop in the driver),
+    Ray's state API lists no actor and no placement group of those runs."""
+    import time
+
+    from ray.util.state import list_placement_groups
+
+    _, before = runs
+    deadline = time.time() + 10  # actors report their death to the GCS shortly after they exit
+    while True:
+        left = [name for actor, name in _alive_actors().items() if actor not in before and name not in RAY_DATA_SERVICES]
+        groups = [g for g in list_placement_groups() if g["state"] != "REMOVED"]
+        if not (left or groups) or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    assert not left and not groups, (left, groups)
 
 
 def _artifact_sizes(client, run_id, path=None) -> dict[str, int]:

@@ -140,11 +140,22 @@ def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
 
 
 def end_run_if_running(uri: str, run_id: str, status: str) -> None:
-    """Close the run unless someone already did: a sweep trial stopped by its scheduler is closed FINISHED by
-    the sweep driver, and the trial's own failure path, which can run seconds later, must not undo that."""
+    """Close the run unless someone already did (e.g. a run that finished before the interrupt reached it)."""
     c = client(uri)
     if c.get_run(run_id).info.status == "RUNNING":
         c.set_terminated(run_id, status=status)
+
+
+def end_open_children(uri: str, parent_id: str, status: str) -> int:
+    """Close the still-RUNNING child runs of `parent_id` (a sweep interrupted or failed): none is left RUNNING,
+    and a resume reopens each one. Returns how many were closed."""
+    c = client(uri)
+    experiment = c.get_run(parent_id).info.experiment_id
+    open_children = c.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{parent_id}' "
+                                                              f"and attributes.status = 'RUNNING'")
+    for run in open_children:
+        c.set_terminated(run.info.run_id, status=status)
+    return len(open_children)
 
 
 @contextlib.contextmanager

@@ -145,13 +145,16 @@ def build_trainer(cfg: ExperimentConfig, data_dir: Path, meta: DatasetMeta, *, n
     )
 
 
-def fit_tracked(trainer: Trainer, uri: str, run_id: str, name: str, run_dir: Path) -> ray.train.Result:
-    """`trainer.fit()`; a failure ends the MLflow run as FAILED and raises one-line `RunFailed` (an interrupt
-    propagates, and the caller closes the run as KILLED)."""
+def fit_tracked(trainer: Trainer, uri: str, run_id: str, name: str, run_dir: Path,
+                close_on_failure: bool = True) -> ray.train.Result:
+    """`trainer.fit()`; a failure raises one-line `RunFailed` and, with `close_on_failure`, ends the MLflow run
+    as FAILED (an interrupt propagates, and the caller closes the run as KILLED). A sweep trial passes False:
+    its driver owns the child run's status, since a trial its scheduler stops also fails inside `fit()`."""
     try:
         return trainer.fit()
     except Exception as e:
-        tracking.end_run_if_running(uri, run_id, "FAILED")
+        if close_on_failure:
+            tracking.end_run_if_running(uri, run_id, "FAILED")
         raise RunFailed(f"run {name} failed: {one_line(root_error(e))} (MLflow run {run_id}, Ray Train logs "
                         f"and {FAILURES_FILE} under {run_dir})") from e
 

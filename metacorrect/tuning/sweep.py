@@ -159,10 +159,12 @@ def sweep(config: ExperimentConfig | str | Path | dict[str, Any] | None = None,
     try:
         grid = _tuner(context, searched_space, options, base, concurrency, sweep_dir, resume, progress).fit()
         result = _collect(grid, base, searched_space, options, name, sweep_dir, data_dir, uri, parent_id, started)
-    except KeyboardInterrupt:
-        tracking.end_run(uri, parent_id, "KILLED")  # `--resume` reopens it
+    except KeyboardInterrupt:  # `--resume` reopens the parent and each unfinished child
+        tracking.end_open_children(uri, parent_id, "KILLED")
+        tracking.end_run(uri, parent_id, "KILLED")
         raise
     except Exception:
+        tracking.end_open_children(uri, parent_id, "FAILED")
         tracking.end_run(uri, parent_id, "FAILED")
         raise
     _log_parent_end(result, searched_space, base)
@@ -331,7 +333,9 @@ def _history(result) -> list[dict[str, Any]]:
 
 def _close_child(uri: str, base: ExperimentConfig, result, run_dir: Path, data_dir: Path, status: str,
                  history: list[dict[str, Any]]) -> str | None:
-    """The child run's id; closed here if its trial did not close it (stopped by the scheduler, or died)."""
+    """The child run's id; closed here if its trial did not close it (stopped by the scheduler, or died).
+    The driver alone closes unfinished children: a stopped trial fails inside `fit()` at a time of Ray's
+    choosing, and a status it wrote could land after this one."""
     import ray.train
 
     from metacorrect.platform import tracking
@@ -342,10 +346,7 @@ def _close_child(uri: str, base: ExperimentConfig, result, run_dir: Path, data_d
         return None
     run_id = json.loads(marker.read_text())["run_id"]
     run = tracking.client(uri).get_run(run_id)
-    # A trial the scheduler stops can be interrupted inside `fit()`, which ends its run as FAILED first:
-    # that stop is the sweep's intent, so the run is still completed (artifacts) and closed FINISHED.
-    interrupted_stop = run.info.status == "FAILED" and status == "stopped early"
-    if run.info.status != "RUNNING" and not interrupted_stop:
+    if run.info.status != "RUNNING":  # the trial finished and closed it (trials never close a failed run)
         return run_id
     cfg = base.with_values({k: _plain(v) for k, v in result.config.items()})
     path = (result.metrics or {}).get("checkpoint_path")

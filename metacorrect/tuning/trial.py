@@ -67,7 +67,9 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> None:
     run = trainer.build_trainer(cfg, data_dir, read_meta(data_dir), name=name, storage=storage,
                                 uri=context.tracking_uri, run_id=run_id, callbacks=[_epoch_reports()],
                                 progress=False)  # the sweep prints one line per trial instead
-    result = trainer.fit_tracked(run, context.tracking_uri, run_id, name, run_dir)
+    # Not closed here on failure: a trial stopped by the scheduler fails inside `fit()` too, possibly after the
+    # sweep driver closed its run FINISHED; the driver closes every child run that is still open.
+    result = trainer.fit_tracked(run, context.tracking_uri, run_id, name, run_dir, close_on_failure=False)
     out = trainer.finish_run(cfg, result.checkpoint, name=name, uri=context.tracking_uri, run_id=run_id,
                              run_dir=run_dir, data_dir=data_dir, started=started)
     write_trial_result(run_dir, out.history, out.checkpoint_path)

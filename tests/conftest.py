@@ -95,39 +95,85 @@ def experiment(workdir, tracking_uri):
     return make
 
 
-DIGITS_SETTINGS = {"sym60": "symmetric:0.6", "sym40": "symmetric:0.4", "pair40": "pair:0.4"}
-ACCURACY_EPOCHS = 15  # one budget for every method; benchmarks/digits_accuracy.py measures it over 5 seeds
+@pytest.fixture(scope="session")
+def _background_wanted(request) -> bool:
+    return any("background_runs" in item.fixturenames for item in request.session.items)
 
 
 @pytest.fixture(scope="session")
-def digits_runs(ray_cluster, digits_noisy, workdir, tracking_uri):
-    """`get(setting, method, epochs=15)`: that method's digits config trained on digits with that noise (seed 0,
-    the loop in the driver, fixed block order), run once per session and shared by the end-to-end files."""
-    from digits_accuracy import config_file  # benchmarks/: each method's digits config
+def _background_process(request, ray_cluster, digits_noisy, workdir):
+    """tests/background_runs.py started beside the suite when a test that uses its runs is selected; None
+    otherwise. Ended (its process group, by pid) when the session ends, if it is still running."""
+    import subprocess
 
-    from metacorrect.config import ExperimentConfig
-    from metacorrect.datasets.prepare import prepare
-    from metacorrect.platform.trainer import run
+    from procs import stop_group
+
+    if not request.getfixturevalue("_background_wanted"):
+        yield None
+        return
+    out, log = workdir / "background-runs", workdir / "background-runs.log"
+    env = os.environ | {"RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address,
+                        "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    with open(log, "wb") as sink:
+        proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("background_runs.py")), str(out),
+                                 str(workdir), f"sqlite:///{workdir / 'mlruns-background' / 'mlflow.db'}"],
+                                env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield proc, out, log
+    finally:
+        stop_group(proc.pid)
+
+
+@pytest.fixture(autouse=True)
+def _start_background_runs(request, _background_wanted):
+    """The background runs start with the first test that uses the Ray cluster (not with the first file that
+    needs them); the tests before it may still check that nothing started Ray."""
+    if _background_wanted and "ray_cluster" in request.fixturenames:
+        request.getfixturevalue("_background_process")
+
+
+@pytest.fixture(scope="session")
+def background_runs(_background_process, workdir, tracking_uri):
+    """`get(key)`: the `RunResult` of a run of tests/background_runs.py, from the background process when the key
+    is planned there, else trained here; once per session."""
+    import pickle
+    import time
+
+    from background_runs import PLANNED, result_file, train
 
     cache = {}
 
-    def get(setting: str, method: str, epochs: int = ACCURACY_EPOCHS):
-        if (setting, method, epochs) not in cache:
-            data = digits_noisy if setting == "sym60" else workdir / "data" / f"digits-{setting}"
-            if not data.exists():
-                prepare("digits", data, noise=DIGITS_SETTINGS[setting], clean_per_class=10, seed=0, progress=False)
-            overrides = [f"data.path={data}", f"train.epochs={epochs}", "resources.num_workers=0",
-                         "data.deterministic=true", f"tracking.uri={tracking_uri}",
-                         f"tracking.storage_path={workdir / 'runs'}", "tracking.experiment=tests-e2e"]
-            overrides += ["method.name=clean_only"] if method == "clean_only" else []
-            cache[setting, method, epochs] = run(ExperimentConfig.from_yaml(config_file(method), overrides),
-                                                 progress=False)
-        return cache[setting, method, epochs]
+    def get(key: tuple):
+        if key in cache:
+            return cache[key]
+        if key in PLANNED and _background_process is not None:
+            proc, out, log = _background_process
+            path = result_file(out, key)
+            deadline = time.time() + 1200
+            while not path.is_file():
+                if proc.poll() is not None and not path.is_file():
+                    raise AssertionError(f"the background runs exited ({proc.returncode}) before {key}:\n"
+                                         + log.read_text(errors="replace")[-4000:])
+                assert time.time() < deadline, f"{key}: not trained within 20 min"
+                time.sleep(0.2)
+            cache[key] = pickle.loads(path.read_bytes())
+        else:
+            cache[key] = train(workdir, tracking_uri, key)
+        return cache[key]
 
     return get
 
 
-WORKERS_EPOCHS = 4  # tests/test_workers_e2e.py and benchmarks/workers_agreement.py
+@pytest.fixture(scope="session")
+def digits_runs(background_runs):
+    """`get(setting, method, epochs=15)`: that method's digits config trained on digits with that noise (seed 0,
+    the loop in the driver, fixed block order), once per session and shared by the end-to-end accuracy files."""
+    from background_runs import ACCURACY_EPOCHS
+
+    def get(setting: str, method: str, epochs: int = ACCURACY_EPOCHS):
+        return background_runs(("accuracy", setting, method, epochs))
+
+    return get
 
 
 @pytest.fixture(scope="session")
@@ -139,18 +185,14 @@ def erm_two_workers_one_killed(ray_cluster, digits_noisy, workdir, tracking_uri)
     import threading
     import time
 
+    from background_runs import workers_config
     from ray.util.state import list_actors
-    from workers_agreement import config_file, method_overrides
 
-    from metacorrect.config import ExperimentConfig
     from metacorrect.platform.trainer import run
 
-    storage = workdir / "runs"
-    common = [f"data.path={digits_noisy}", f"train.epochs={WORKERS_EPOCHS}", "model.width=16",
-              f"tracking.uri={tracking_uri}", f"tracking.storage_path={storage}", "tracking.experiment=tests-workers",
-              "tracking.run_name=erm-one-worker-killed", "resources.num_workers=2"]
-    cfg = ExperimentConfig.from_yaml(config_file("erm"), method_overrides("erm", common))
-    run_dir = storage / "erm-one-worker-killed"
+    cfg = workers_config("erm", digits_noisy, workdir, tracking_uri).with_overrides(
+        ["tracking.run_name=erm-one-worker-killed", "resources.num_workers=2"])
+    run_dir = workdir / "runs" / "erm-one-worker-killed"
     outcome = {}
     driver = threading.Thread(target=lambda: outcome.update(result=run(cfg, progress=False)))
     driver.start()

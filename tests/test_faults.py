@@ -1,6 +1,7 @@
 """Faults a user meets, with real processes: a driver stopped by SIGTERM, Ctrl-C and SIGKILL and started again
 with the same name, a Ray Train worker killed by pid, damaged shards, labels out of range. Afterwards MLflow
-holds each epoch once (equal to an uninterrupted run), no run is left RUNNING, no uncommitted checkpoint is
+holds each epoch once (equal to an uninterrupted run), no run is left RUNNING, runs on one worker and in the
+driver leave no actor or placement group behind, no uncommitted checkpoint is
 left behind, bad input is one line and exit status 2 before anything starts, and an error that would happen
 again is not retried."""
 from __future__ import annotations
@@ -15,8 +16,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import WORKERS_EPOCHS as EPOCHS  # the killed-worker run is shared with test_workers_e2e
+from background_runs import WORKERS_EPOCHS as EPOCHS  # the killed-worker run is shared with test_workers_e2e
 from procs import start_cli, stop_group, wait_until
+from ray_state import alive_actors, left_behind
 
 STOPPED_EPOCHS = 6  # room for three stops: a stop reaches the driver an epoch or so after the signal
 # One worker, fixed block order and one thread: a run is bit-identical to itself, so a resumed history must
@@ -96,12 +98,15 @@ def test_driver_stopped_three_ways_then_resumed_logs_each_epoch_once_as_an_unint
     logged = [step for step, _ in _history(uri, run_id)]
     assert len(logged) == len(set(logged)) and logged == sorted(logged), logged
 
+    before = alive_actors()
     resumed = run(ExperimentConfig.from_yaml("configs/digits_demo.yaml", sets + ["tracking.run_name=stopped"]),
                   progress=False)
     # The same loop in this process (local mode) is the uninterrupted reference: the same arithmetic, faster.
     straight = run(ExperimentConfig.from_yaml("configs/digits_demo.yaml", sets + ["tracking.run_name=straight",
                                                                                    "resources.num_workers=0"]),
                    progress=False)
+    left, groups = left_behind(before)
+    assert not left and not groups, f"a run on one worker and one in the driver left {left} {groups} running"
     assert resumed.mlflow_run_id == run_id, "every start appended to the same MLflow run"
     assert _client(uri).get_run(run_id).info.status == "FINISHED"
     for key in ("val_accuracy", "test_accuracy", "train_loss", "noisy_recovery", "epoch"):

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pyarrow.parquet as pq
 import pytest
 
+from background_runs import ACCURACY_EPOCHS as EPOCHS, WEIGHT_EPOCHS  # the shared runs of conftest's `digits_runs`
+
 pytestmark = pytest.mark.slow
 
-EPOCHS = 15  # the shared runs of conftest's `digits_runs`
-WEIGHT_EPOCHS = 2  # mwnet and l2rw: run end to end and log their weights
 NOISY_ROWS = 1138  # digits with 10 clean and 20 val images per class and a 20% test split
 
 

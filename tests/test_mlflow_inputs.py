@@ -35,3 +35,34 @@ def test_runs_log_their_data_set_by_label_digest_and_system_metrics(ray_cluster,
     _, other = trained(digits_clean)
     assert same.digest == dataset.digest, "the same noisy labels, the same digest"
     assert other.digest != dataset.digest, "another noise realisation, another digest"
+
+
+def test_runs_that_start_together_each_log_the_same_data_set(tmp_path):
+    """Trials of a sweep start together and log the same data set: MLflow inserts its dataset record only when
+    the (experiment, name, digest) is new, so two runs at once race to insert it and one of them hits the
+    UNIQUE constraint. Each run must still get its input (the loser finds the winner's record on a retry)."""
+    import threading
+
+    from metacorrect.platform import tracking
+
+    uri = tracking.resolve_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = [tracking.start_run(uri, "together", f"run{i}", tmp_path / f"r{i}")[0] for i in range(8)]
+    barrier, errors = threading.Barrier(len(runs)), []
+
+    def log(run_id: str) -> None:
+        barrier.wait()
+        try:
+            tracking.log_dataset(uri, run_id, "digits-sym60", str(tmp_path), "0123456789abcdef")
+        except Exception as e:  # noqa: BLE001 - the assertion below names it
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=log, args=(r,)) for r in runs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+    client = tracking.client(uri)
+    for run_id in runs:
+        (dataset,) = [d.dataset for d in client.get_run(run_id).inputs.dataset_inputs]
+        assert dataset.digest == "0123456789abcdef"

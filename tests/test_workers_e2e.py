@@ -4,20 +4,19 @@ what run-to-run noise allows: `benchmarks/workers_agreement.py` measures, with t
 one-worker runs of different seeds end apart, and the bounds below hold that with room (README "Workers").
 
 The two-worker erm and clean_only runs are also the check that a multi-worker run logs everything to MLflow, and
-all of these runs together the check that a finished run leaves no actor or placement group behind.
+the two-worker runs together the check that a finished run leaves no actor or placement group behind.
 The exact two-workers-equal-one property of each step is tested with two gloo ranks in the methods' own test
 files, and the global batches behind it in test_global_batches.py."""
 from __future__ import annotations
 
 import pytest
 
-from conftest import WORKERS_EPOCHS
-from workers_agreement import config_file, method_overrides  # the settings the bounds were measured with
+from background_runs import WORKERS_EPOCHS, WORKERS_METHODS as METHODS, workers_config
+from ray_state import alive_actors, left_behind
 
 pytestmark = pytest.mark.slow
 
 EPOCHS = WORKERS_EPOCHS
-METHODS = ("erm", "clean_only", "mlc", "emlc", "mslg", "soft_labels", "ieg", "mwnet", "l2rw")
 # Bounds on |two workers - one worker| of each method's final test accuracy, corrected labels' accuracy and mean
 # weights of clean / corrupted samples: twice the largest difference that benchmarks/workers_agreement.py
 # measured at these settings (3 seeds, twice) between two one-worker runs of different seeds or between a
@@ -36,36 +35,24 @@ BOUNDS = {
 NOISY_ROWS = 1138
 
 
-RAY_DATA_SERVICES = {"_StatsActor", "_AutoscalingCoordinatorActor"}  # cluster-wide, shared by every data set
-
-
-def _alive_actors() -> dict[str, str]:
-    from ray.util.state import list_actors
-
-    return {a["actor_id"]: a["class_name"] for a in list_actors(filters=[("state", "=", "ALIVE")])}
-
-
 @pytest.fixture(scope="module")
-def runs(ray_cluster, digits_noisy, workdir, tracking_uri, erm_two_workers_one_killed):
-    """Each method once on two Ray Train workers and once in the driver. The two-worker runs go two at a time
-    beside the driver's runs (a quarter CPU per worker, so Ray Data keeps a CPU): on 2 cores most of a short
-    run is Ray starting and stopping processes, which overlaps well. Returns (runs, actors alive before)."""
+def runs(ray_cluster, digits_noisy, workdir, tracking_uri, erm_two_workers_one_killed, background_runs):
+    """Each method on two Ray Train workers, two runs at a time (a quarter CPU per worker, so Ray Data keeps a
+    CPU: on 2 cores most of a short run is Ray starting and stopping processes, which overlaps well), and in the
+    driver (trained beside the suite by tests/background_runs.py, with the same settings). Returns (runs, this
+    process's actors alive before)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from metacorrect.config import ExperimentConfig
     from metacorrect.platform.trainer import run
 
-    before = _alive_actors()
-    common = [f"data.path={digits_noisy}", f"train.epochs={EPOCHS}", "model.width=16", f"tracking.uri={tracking_uri}",
-              f"tracking.storage_path={workdir / 'runs'}", "tracking.experiment=tests-workers"]
-    configs = {m: ExperimentConfig.from_yaml(config_file(m), method_overrides(m, common)) for m in METHODS}
+    before = alive_actors()
     with ThreadPoolExecutor(max_workers=2) as pool:
         # erm's two-worker run had a worker killed and retried (conftest): it must still learn what one learns.
-        two = {m: pool.submit(run, cfg.with_overrides(["resources.num_workers=2", "resources.cpus_per_worker=0.25"]),
-                              progress=False) for m, cfg in configs.items() if m != "erm"}
-        one = {m: run(cfg.with_overrides(["resources.num_workers=0", "data.deterministic=true"]), progress=False)
-               for m, cfg in configs.items()}
-        out = {m: (one[m], erm_two_workers_one_killed[0] if m == "erm" else two[m].result()) for m in METHODS}
+        two = {m: pool.submit(run, workers_config(m, digits_noisy, workdir, tracking_uri).with_overrides(
+            ["resources.num_workers=2", "resources.cpus_per_worker=0.25"]), progress=False)
+            for m in METHODS if m != "erm"}
+        out = {m: (background_runs(("workers", m)), erm_two_workers_one_killed[0] if m == "erm" else two[m].result())
+               for m in METHODS}
     return out, before
 
 
@@ -105,20 +92,9 @@ def test_a_two_worker_run_logs_params_metrics_and_artifacts(runs, method):
 
 
 def test_runs_leave_no_actor_or_placement_group_behind(runs):
-    """After the 17 `run()` calls of this process (two workers, two at a time, and the loop in the driver),
-    Ray's state API lists no actor and no placement group of those runs."""
-    import time
-
-    from ray.util.state import list_placement_groups
-
-    _, before = runs
-    deadline = time.time() + 10  # actors report their death to the GCS shortly after they exit
-    while True:
-        left = [name for actor, name in _alive_actors().items() if actor not in before and name not in RAY_DATA_SERVICES]
-        groups = [g for g in list_placement_groups() if g["state"] != "REMOVED"]
-        if not (left or groups) or time.time() > deadline:
-            break
-        time.sleep(0.5)
+    """After the two-worker `run()` calls of this process (two at a time), Ray's state API lists no actor and no
+    placement group of those runs (runs on one worker and in the driver: test_faults.py)."""
+    left, groups = left_behind(runs[1])
     assert not left and not groups, (left, groups)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_DIR = "mlruns"
+DATASET_ATTEMPTS = 5  # log_dataset: concurrent first logs of one data set race in MLflow's store
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
@@ -113,10 +114,22 @@ def log_dataset(uri: str, run_id: str, name: str, path: str, digest: str, contex
     from mlflow.data.sources import LocalArtifactDatasetSource
     from mlflow.entities import DatasetInput, InputTag
 
+    from mlflow.exceptions import MlflowException
+
     # Data sets are prepared on the local or a mounted file system (data.path).
     dataset = MetaDataset(source=LocalArtifactDatasetSource(path), name=name, digest=digest)
-    client(uri).log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(),
-                                                          tags=[InputTag("mlflow.data.context", context)])])
+    inputs = [DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])]
+    for attempt in range(DATASET_ATTEMPTS):
+        try:
+            client(uri).log_inputs(run_id, datasets=inputs)
+            return
+        except MlflowException:
+            # MLflow inserts the data set's record when its (experiment, name, digest) is new: runs that start
+            # together (a sweep's trials) race to insert it, and the losers fail on the UNIQUE constraint. The
+            # store rolled the attempt back; the next one finds the winner's record and only links it.
+            if attempt == DATASET_ATTEMPTS - 1:
+                raise
+            time.sleep(0.1 * (attempt + 1))
 
 
 def log_rows(uri: str, run_id: str, rows: list[tuple[int, dict[str, float]]]) -> None:

@@ -1,0 +1,37 @@
+"""What Ray's State API says this test process (its Ray job) has left running: after `metacorrect.run()`
+returns, no actor and no placement group of that run may remain. Other drivers on the session's cluster
+(subprocesses the tests start, tests/background_runs.py) are other jobs and are not counted."""
+from __future__ import annotations
+
+import time
+
+# Ray Data's cluster-wide services, one of each, shared by every data set: not a run's.
+RAY_DATA_SERVICES = {"_StatsActor", "_AutoscalingCoordinatorActor"}
+
+
+def _job() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_job_id()
+
+
+def alive_actors() -> dict[str, str]:
+    """actor id -> class name of this job's alive actors."""
+    from ray.util.state import list_actors
+
+    return {a["actor_id"]: a["class_name"]
+            for a in list_actors(filters=[("state", "=", "ALIVE"), ("job_id", "=", _job())])}
+
+
+def left_behind(before: dict[str, str], wait_s: float = 10.0) -> tuple[list[str], list[dict]]:
+    """(actors alive now that were not in `before`, placement groups of this job not removed), once both are
+    empty or after `wait_s` (actors report their death to the GCS shortly after they exit)."""
+    from ray.util.state import list_placement_groups
+
+    deadline = time.time() + wait_s
+    while True:
+        left = [name for actor, name in alive_actors().items() if actor not in before and name not in RAY_DATA_SERVICES]
+        groups = [g for g in list_placement_groups(filters=[("creator_job_id", "=", _job())]) if g["state"] != "REMOVED"]
+        if not (left or groups) or time.time() > deadline:
+            return left, groups
+        time.sleep(0.5)

@@ -9,6 +9,8 @@ from typing import Any
 from metacorrect.platform import quiet
 from metacorrect.platform.workers import SETUP_HOOK
 
+PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+
 
 def ensure_ray() -> None:
     """Join the cluster of $RAY_ADDRESS (e.g. inside `ray job submit`), else start a local one
@@ -20,6 +22,11 @@ def ensure_ray() -> None:
         env = {"RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
         if os.environ.get("RAY_ADDRESS", "") in ("", "local"):  # a cluster of our own: its console is ours
             env[quiet.ENV] = quiet.ray_data_console_config()
+            # Ray Train's preemption watcher acts only on cloud nodes that announce preemption, and on start it
+            # prints an error-level line from Ray's core to the console. Set the variable to keep it.
+            if PREEMPTION_WATCHER not in os.environ:
+                env[PREEMPTION_WATCHER] = "0"
+            quiet.quiet_local_cluster_start()
         # Inside a Ray job, Ray refuses a driver runtime_env that names the job's env vars again.
         env = {k: v for k, v in env.items() if k not in (job_runtime_env().get("env_vars") or {})}
         os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")

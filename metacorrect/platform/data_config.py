@@ -5,6 +5,8 @@ Ray's Train DatasetManager actor unpickles this class, so this module imports no
 from __future__ import annotations
 
 import ray.train
+from ray.data import ExecutionOptions
+from ray.data.context import DataContext
 from ray.data.dataset import MaterializedDataset
 
 
@@ -18,9 +20,18 @@ class ExactSplitDataConfig(ray.train.DataConfig):
     def __init__(self, datasets_to_split: list[str], deterministic: bool = False):
         options = None
         if deterministic:  # same block order every run (exactly repeatable with one worker)
-            options = ray.train.DataConfig.default_ingest_options()
+            options = self.default_ingest_options()
             options.preserve_order = True
         super().__init__(datasets_to_split=datasets_to_split, execution_options=options)
+
+    @staticmethod
+    def default_ingest_options() -> ExecutionOptions:
+        """Ray's defaults for data ingest, less the deprecated `exclude_resources`: Ray 2.60's own default copies
+        it into every shard's options, and that copy raises a RayDeprecationWarning on the console of every run.
+        It is zero unless a user set it in the DataContext, and Ray Train reserves the workers' resources apart."""
+        context = DataContext.get_current().execution_options
+        return ExecutionOptions(resource_limits=context.resource_limits, preserve_order=context.preserve_order,
+                                verbose_progress=context.verbose_progress)
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
         output = [{} for _ in range(world_size)]

@@ -37,6 +37,13 @@ def quiet_this_process() -> None:
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
     logging.getLogger(PROGRESS_LOGGER).setLevel(logging.ERROR)
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # "started/terminated monitoring"
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial MLflow database tables"
     for handler in logging.getLogger("ray.data").handlers:
         if not hasattr(handler, "baseFilename") and type(handler).__name__ != "SessionFileHandler":
             handler.setLevel(logging.WARNING)
+
+
+def quiet_local_cluster_start() -> None:
+    """Before `ray.init` starts a cluster of our own: Ray 2.60 turns token authentication on for it and says so
+    at WARNING on every start; that is routine for a cluster only this process uses."""
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)

@@ -1,0 +1,41 @@
+"""The console of a run shows the project's own lines, its results and real warnings: none of Ray's or MLflow's
+routine notices. A real `metacorrect run` on two Ray Train workers, in a process of its own on a cluster of its
+own with the project's defaults (not the test session's Ray settings)."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from procs import ROOT
+
+pytestmark = pytest.mark.slow
+
+# What each routine notice looks like, and where it came from before the project quieted it.
+ROUTINE = {
+    "an error-level line of Ray's C++ core (the preemption watcher's)": re.compile(r"\[\d{4}-\d\d-\d\d [\d:,.]+ [EF] \d+ \d+\]"),
+    "a deprecation warning (Ray's own DataConfig defaults)": re.compile(r"DeprecationWarning"),
+    "the source line Python prints under a warning": re.compile(r"^\s*(\(\w+ pid=\d+\)\s*)?\s*(warnings\.warn\(|self\.\w+ = )"),
+    "Ray's token-authentication notice for a cluster of our own": re.compile(r"Token authentication is enabled"),
+    "MLflow's database set-up notices": re.compile(r"INFO mlflow\."),
+}
+
+
+def test_a_run_prints_its_own_lines_and_no_routine_notice(digits_noisy, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_TRAIN_")}  # the project's defaults
+    env |= {"RAY_ADDRESS": "local", "PYTHONPATH": str(ROOT)}
+    sets = [f"data.path={digits_noisy}", "train.epochs=1", "resources.num_workers=2", "model.width=8",
+            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", f"tracking.storage_path={tmp_path / 'runs'}"]
+    proc = subprocess.run([sys.executable, "-m", "metacorrect", "run", "configs/digits_demo.yaml",
+                           *[a for s in sets for a in ("--set", s)]],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    output = re.sub(r"\x1b\[[0-9;]*m", "", proc.stdout + proc.stderr)  # Ray colours the worker prefixes
+    assert proc.returncode == 0, output[-4000:]
+    assert "[metacorrect] starting run" in output and "[metacorrect] epoch 1/1" in output
+    assert "test@best val" in output and "MLflow runs:" in output, "the results and where they are"
+    for what, pattern in ROUTINE.items():
+        hits = [line for line in output.splitlines() if pattern.search(line)]
+        assert not hits, f"{what}: {hits[:3]}"

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
 import yaml
+
+from metacorrect.platform.quiet import VERBOSE_ENV  # light: Ray and MLflow are imported only where they run
 
 EPILOG = """examples:
   metacorrect run configs/digits_demo.yaml
@@ -39,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config field by its dotted name, e.g. optim.lr=0.1 (repeatable)")
         p.add_argument("--quiet", action="store_true", help="no progress output")
+        p.add_argument("--verbose", action="store_true",
+                       help="also show Ray's and MLflow's own console notices (Ray's session logs always keep them)")
 
     p_run = sub.add_parser("run", help="train one method on Ray Train and track it in MLflow",
                            description="Train one method. A run with a fixed --name (tracking.run_name) "
@@ -152,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     from metacorrect.datasets.noise import NoiseSpecError
 
     args = build_parser().parse_args(argv)
+    if getattr(args, "verbose", False):  # read where Ray and MLflow are quieted, here and in Ray's processes
+        os.environ[VERBOSE_ENV] = "1"
     try:
         return _dispatch(args)
     except (ConfigError, DataError, NoiseSpecError) as e:

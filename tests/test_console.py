@@ -24,18 +24,33 @@ ROUTINE = {
 }
 
 
-def test_a_run_prints_its_own_lines_and_no_routine_notice(digits_noisy, tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_TRAIN_")}  # the project's defaults
+def _run(args: list[str], sets: list[str]) -> str:
+    """`metacorrect run configs/digits_demo.yaml ARGS` in a process and on a Ray cluster of its own, with the
+    project's Ray settings (not the test session's); its console, colours removed."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_TRAIN_")}
     env |= {"RAY_ADDRESS": "local", "PYTHONPATH": str(ROOT)}
-    sets = [f"data.path={digits_noisy}", "train.epochs=1", "resources.num_workers=2", "model.width=8",
-            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", f"tracking.storage_path={tmp_path / 'runs'}"]
-    proc = subprocess.run([sys.executable, "-m", "metacorrect", "run", "configs/digits_demo.yaml",
+    proc = subprocess.run([sys.executable, "-m", "metacorrect", "run", "configs/digits_demo.yaml", *args,
                            *[a for s in sets for a in ("--set", s)]],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     output = re.sub(r"\x1b\[[0-9;]*m", "", proc.stdout + proc.stderr)  # Ray colours the worker prefixes
     assert proc.returncode == 0, output[-4000:]
+    return output
+
+
+def test_a_run_prints_its_own_lines_and_no_routine_notice(digits_noisy, tmp_path):
+    output = _run([], [f"data.path={digits_noisy}", "train.epochs=1", "resources.num_workers=2", "model.width=8",
+                       f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", f"tracking.storage_path={tmp_path / 'runs'}"])
     assert "[metacorrect] starting run" in output and "[metacorrect] epoch 1/1" in output
     assert "test@best val" in output and "MLflow runs:" in output, "the results and where they are"
     for what, pattern in ROUTINE.items():
         hits = [line for line in output.splitlines() if pattern.search(line)]
         assert not hits, f"{what}: {hits[:3]}"
+
+
+def test_verbose_keeps_ray_and_mlflow_notices(digits_noisy, tmp_path):
+    output = _run(["--verbose"], [f"data.path={digits_noisy}", "train.epochs=1", "resources.num_workers=0",
+                                  "model.width=8", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+                                  f"tracking.storage_path={tmp_path / 'runs'}"])
+    assert ROUTINE["Ray's token-authentication notice for a cluster of our own"].search(output), output[-3000:]
+    assert ROUTINE["MLflow's database set-up notices"].search(output), output[-3000:]
+    assert "[metacorrect] epoch 1/1" in output

@@ -20,8 +20,11 @@ def ensure_ray() -> None:
     if not ray.is_initialized():
         # No print patch: it echoes every worker print a second time through Ray Train's logger.
         env = {"RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+        if quiet.verbose():  # the job's workers keep their notices too
+            env[quiet.VERBOSE_ENV] = "1"
         if os.environ.get("RAY_ADDRESS", "") in ("", "local"):  # a cluster of our own: its console is ours
-            env[quiet.ENV] = quiet.ray_data_console_config()
+            if not quiet.verbose():
+                env[quiet.ENV] = quiet.ray_data_console_config()
             # Ray Train's preemption watcher acts only on cloud nodes that announce preemption, and on start it
             # prints an error-level line from Ray's core to the console. Set the variable to keep it.
             if PREEMPTION_WATCHER not in os.environ:

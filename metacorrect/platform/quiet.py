@@ -1,7 +1,7 @@
-"""Keep Ray's per-epoch INFO chatter (dataset executions, report calls) out of the console.
+"""Keep Ray's and MLflow's routine notices (dataset executions, report calls, set-up lines) out of the console.
 
 Full logs still go to Ray's session log files; the console shows our one progress line per epoch
-and Ray's warnings and errors.
+and Ray's warnings and errors. `--verbose` (METACORRECT_VERBOSE=1) keeps everything on the console.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 ENV = "RAY_DATA_LOGGING_CONFIG"
+VERBOSE_ENV = "METACORRECT_VERBOSE"  # "1" (`--verbose`): keep Ray's and MLflow's own console notices
 PROGRESS_LOGGER = "ray.data._internal.progress"
 
 
@@ -30,7 +31,13 @@ def ray_data_console_config() -> str:
     return str(path)
 
 
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV) == "1"
+
+
 def quiet_this_process() -> None:
+    if verbose():
+        return
     # Ray Train's per-report INFO lines come from a logger named after its source file.
     from ray.train.v2._internal.execution import context
 
@@ -46,4 +53,5 @@ def quiet_this_process() -> None:
 def quiet_local_cluster_start() -> None:
     """Before `ray.init` starts a cluster of our own: Ray 2.60 turns token authentication on for it and says so
     at WARNING on every start; that is routine for a cluster only this process uses."""
-    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    if not verbose():
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)

@@ -113,7 +113,6 @@ def log_dataset(uri: str, run_id: str, name: str, path: str, digest: str, contex
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.data.sources import LocalArtifactDatasetSource
     from mlflow.entities import DatasetInput, InputTag
-
     from mlflow.exceptions import MlflowException
 
     # Data sets are prepared on the local or a mounted file system (data.path).

@@ -61,12 +61,11 @@ def tracking_uri(workdir):
 
 @pytest.fixture(scope="session")
 def digits_noisy(workdir):
-    """digits with 60% symmetric noise, 10 clean images per class (the demo's data set)."""
-    from metacorrect.datasets.prepare import prepare
+    """digits with 60% symmetric noise, 10 clean images per class (the demo's data set; the background runs'
+    "sym60" too)."""
+    from background_runs import digits
 
-    path = workdir / "data" / "digits-sym60"
-    prepare("digits", path, noise="symmetric:0.6", clean_per_class=10, seed=0, progress=False)
-    return path
+    return digits(workdir, "sym60")
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ import copy
 import logging
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import yaml
@@ -42,6 +43,9 @@ def quiet_this_process() -> None:
     from ray.train.v2._internal.execution import context
 
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    # torch's forward-mode AD (the meta-gradients' JVP) scripts its decompositions on first use, and torch 2.9
+    # warns that scripting is deprecated: torch's own internals, nothing a user can act on.
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
     logging.getLogger(PROGRESS_LOGGER).setLevel(logging.ERROR)
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # "started/terminated monitoring"
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial MLflow database tables"

@@ -49,7 +49,7 @@ def main() -> None:
     import ray
 
     meta = read_meta(args.data)
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
 
     @ray.remote(num_cpus=0.5)

@@ -1,16 +1,24 @@
-"""Runs in the driver (`resources.num_workers: 0`) that end-to-end files share, trained in a background process.
+"""Runs that end-to-end files share, trained in a background process.
 
 - ("accuracy", setting, method, epochs): the 15-epoch digits runs of the accuracy files (one per method and noise
-  setting, seed 0, fixed block order), through conftest's `digits_runs`.
+  setting, seed 0, fixed block order, the loop in the driver), through conftest's `digits_runs`.
 - ("workers", method): test_workers_e2e's one-worker reference of each method (4 epochs, its own settings).
+- ("two_workers", method): the same on two Ray Train workers (erm's is conftest's run with a worker killed),
+  two runs at a time on a Ray cluster of this process's own; then ("two_workers_left_behind",): the actors and
+  placement groups those runs left (Ray's state API, this process's job), which must be none.
 
-These are CPU-bound training on one core, while most of the rest of the suite waits on Ray starting and stopping
-processes with a core to spare. So conftest starts this module as a subprocess with the session's first Ray
-test: it joins the session's Ray cluster, trains every run of `PLANNED` in order, and pickles each `RunResult`
-into a directory, from which `background_runs` picks it up (a run not planned is trained in the test process).
-Its MLflow store is a SQLite file of its own, so two processes never write one database.
+Most of the rest of the suite waits on Ray starting and stopping processes with a core to spare, so conftest
+starts this module as a subprocess with the session's first Ray test: it trains every run of `PLANNED` in order
+and pickles each result into a directory, from which `background_runs` picks it up. Each run is claimed (a file
+created exclusively) before it is trained: a run the session asks for before the background reached it, or one
+not planned here, is trained in the test process instead, so a run of one file never waits on a queue. The driver runs join the session's cluster; the two-worker runs start a cluster of
+their own, so their CPUs never keep a test's run waiting for its resources on the session's two. Its MLflow
+store is a SQLite file of its own, so two processes never write one database.
 
-    python tests/background_runs.py OUT_DIR WORKDIR TRACKING_URI
+    python tests/background_runs.py OUT_DIR WORKDIR TRACKING_URI KIND[,KIND...]
+
+KIND is the first element of the keys to train ("accuracy", "workers", "two_workers", ...), the ones the selected
+tests use: a run of one test file trains only what it reads.
 """
 from __future__ import annotations
 
@@ -27,12 +35,15 @@ ACCURACY_EPOCHS = 15  # one budget for every method; benchmarks/digits_accuracy.
 WEIGHT_EPOCHS = 2  # mwnet and l2rw end to end: they log their weights (test_methods_reweight_e2e.py)
 WORKERS_EPOCHS = 4  # tests/test_workers_e2e.py and benchmarks/workers_agreement.py
 WORKERS_METHODS = ("erm", "clean_only", "mlc", "emlc", "mslg", "soft_labels", "ieg", "mwnet", "l2rw")
+TWO_WORKER_METHODS = tuple(m for m in WORKERS_METHODS if m != "erm")  # erm's: conftest's killed-and-retried run
+LEFT_BEHIND = ("two_workers_left_behind",)
 # In the order the suite asks for them (test_label_methods_e2e, test_methods_e2e, test_methods_reweight_e2e,
 # test_workers_e2e).
 PLANNED = [*[("accuracy", "sym60", m, ACCURACY_EPOCHS) for m in ("erm", "mslg", "soft_labels", "mlc", "emlc", "ieg")],
            ("accuracy", "pair40", "erm", ACCURACY_EPOCHS), ("accuracy", "pair40", "ieg", ACCURACY_EPOCHS),
            ("accuracy", "sym60", "mwnet", WEIGHT_EPOCHS), ("accuracy", "sym60", "l2rw", WEIGHT_EPOCHS),
-           *[("workers", m) for m in WORKERS_METHODS]]
+           *[("workers", m) for m in WORKERS_METHODS],
+           *[("two_workers", m) for m in TWO_WORKER_METHODS], LEFT_BEHIND]
 
 
 def result_file(out: Path, key: tuple) -> Path:
@@ -60,8 +71,14 @@ def workers_config(method: str, data: Path, workdir: Path, tracking_uri: str):
     return ExperimentConfig.from_yaml(config_file(method), method_overrides(method, common))
 
 
+def two_workers_config(method: str, workdir: Path, tracking_uri: str):
+    """`workers_config` on two workers of a quarter CPU each, so two runs at a time leave Ray Data a CPU."""
+    return workers_config(method, digits(workdir, "sym60"), workdir, tracking_uri).with_overrides(
+        ["resources.num_workers=2", "resources.cpus_per_worker=0.25"])
+
+
 def train(workdir: Path, tracking_uri: str, key: tuple):
-    """The run of `key`, trained here."""
+    """The run of `key`, trained here (in this process's Ray cluster, whichever that is)."""
     from digits_accuracy import config_file
 
     from metacorrect.config import ExperimentConfig
@@ -70,6 +87,10 @@ def train(workdir: Path, tracking_uri: str, key: tuple):
     if key[0] == "workers":
         cfg = workers_config(key[1], digits(workdir, "sym60"), workdir, tracking_uri)
         return run(cfg.with_overrides(["resources.num_workers=0", "data.deterministic=true"]), progress=False)
+    if key[0] == "two_workers":
+        return run(two_workers_config(key[1], workdir, tracking_uri), progress=False)
+    if key == LEFT_BEHIND:
+        raise ValueError("what two-worker runs left behind is measured where they ran, beside them")
     _, setting, method, epochs = key
     overrides = [f"data.path={digits(workdir, setting)}", f"train.epochs={epochs}", "resources.num_workers=0",
                  "data.deterministic=true", f"tracking.uri={tracking_uri}",
@@ -78,16 +99,67 @@ def train(workdir: Path, tracking_uri: str, key: tuple):
     return run(ExperimentConfig.from_yaml(config_file(method), overrides), progress=False)
 
 
-def main(out: str, workdir: str, tracking_uri: str) -> None:
-    out_dir = Path(out)
+def claim(out_dir: Path, key: tuple) -> bool:
+    """Take `key` for this process: True when no process (this one, or the test session that asks for a run the
+    background has not reached yet) took it before."""
+    try:
+        os.close(os.open(result_file(out_dir, key).with_suffix(".claim"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+
+
+def save(out_dir: Path, key: tuple, result) -> None:
+    target = result_file(out_dir, key)
+    scratch = target.with_suffix(".tmp")
+    scratch.write_bytes(pickle.dumps(result))
+    os.replace(scratch, target)  # whole or absent: the fixture never reads half a file
+
+
+def _two_worker_runs(out_dir: Path, workdir: Path, tracking_uri: str) -> None:
+    """Every ("two_workers", m) not taken by the test session, two at a time (on 2 cores most of a short run is
+    Ray starting and stopping processes, which overlaps well), on a Ray cluster of this process's own; then
+    (actors left, placement groups left, runs checked)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import ray
+    from ray_state import alive_actors, left_behind
+
+    from metacorrect.platform.cluster import ensure_ray
+
+    ray.shutdown()  # leave the session's cluster
+    os.environ["RAY_ADDRESS"] = "local"
+    ensure_ray()
+    # Ray's state API reads RAY_ADDRESS before its `address` argument: "local" would make it look for clusters.
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    keys = iter([("two_workers", m) for m in TWO_WORKER_METHODS])
+    trained = []
+
+    def work() -> None:
+        for key in keys:  # each thread takes the next key; a shared iterator hands each key out once
+            if claim(out_dir, key):
+                save(out_dir, key, train(workdir, tracking_uri, key))
+                trained.append(key)
+
+    try:
+        before = alive_actors()
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            for future in [pool.submit(work) for _ in range(2)]:
+                future.result()
+        save(out_dir, LEFT_BEHIND, (*left_behind(before), len(trained)))
+    finally:
+        ray.shutdown()
+
+
+def main(out: str, workdir: str, tracking_uri: str, kinds: str) -> None:
+    out_dir, wanted = Path(out), set(kinds.split(","))
     out_dir.mkdir(parents=True, exist_ok=True)
     for key in PLANNED:
-        result = train(Path(workdir), tracking_uri, key)
-        target = result_file(out_dir, key)
-        scratch = target.with_suffix(".tmp")
-        scratch.write_bytes(pickle.dumps(result))
-        os.replace(scratch, target)  # whole or absent: the fixture never reads half a file
+        if key[0] in wanted and key[0] not in ("two_workers", *LEFT_BEHIND) and claim(out_dir, key):
+            save(out_dir, key, train(Path(workdir), tracking_uri, key))
+    if "two_workers" in wanted:
+        _two_worker_runs(out_dir, Path(workdir), tracking_uri)
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])

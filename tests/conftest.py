@@ -39,7 +39,8 @@ def ray_cluster():
     from metacorrect.platform import quiet, workers
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=True, logging_level="ERROR",
+        # address="local": a cluster of its own even where `ray start` left one running on this machine
+        ray.init(address="local", num_cpus=2, include_dashboard=True, logging_level="ERROR",
                  runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
                                            "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
                                            quiet.ENV: quiet.ray_data_console_config()},
@@ -94,9 +95,18 @@ def experiment(workdir, tracking_uri):
     return make
 
 
+# Which of tests/background_runs.py's kinds of runs each file uses (its `digits_runs` / `background_runs`).
+BACKGROUND_KINDS = {"test_workers_e2e.py": ("workers", "two_workers", "two_workers_left_behind")}
+
+
 @pytest.fixture(scope="session")
-def _background_wanted(request) -> bool:
-    return any("background_runs" in item.fixturenames for item in request.session.items)
+def _background_wanted(request) -> tuple[str, ...]:
+    """The kinds of background runs the selected tests use (none: no background process)."""
+    kinds: set[str] = set()
+    for item in request.session.items:
+        if "background_runs" in item.fixturenames:
+            kinds.update(BACKGROUND_KINDS.get(item.path.name, ("accuracy",)))
+    return tuple(sorted(kinds))
 
 
 @pytest.fixture(scope="session")
@@ -115,7 +125,8 @@ def _background_process(request, ray_cluster, digits_noisy, workdir):
                         "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     with open(log, "wb") as sink:
         proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("background_runs.py")), str(out),
-                                 str(workdir), f"sqlite:///{workdir / 'mlruns-background' / 'mlflow.db'}"],
+                                 str(workdir), f"sqlite:///{workdir / 'mlruns-background' / 'mlflow.db'}",
+                                 ",".join(request.getfixturevalue("_background_wanted"))],
                                 env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         yield proc, out, log
@@ -132,22 +143,27 @@ def _start_background_runs(request, _background_wanted):
 
 
 @pytest.fixture(scope="session")
-def background_runs(_background_process, workdir, tracking_uri):
-    """`get(key)`: the `RunResult` of a run of tests/background_runs.py, from the background process when the key
-    is planned there, else trained here; once per session."""
+def background_runs(_background_process, _background_wanted, workdir, tracking_uri):
+    """`get(key)`: the `RunResult` of a run of tests/background_runs.py, once per session: from the background
+    process when the key is planned there and it has taken it, else trained here (`get.trained_here`)."""
     import pickle
     import time
 
-    from background_runs import PLANNED, result_file, train
+    from background_runs import LEFT_BEHIND, PLANNED, claim, result_file, train
 
     cache = {}
+    trained_here: set[tuple] = set()
 
     def get(key: tuple):
         if key in cache:
             return cache[key]
-        if key in PLANNED and _background_process is not None:
+        if key in PLANNED and _background_process is not None and key[0] in _background_wanted:
             proc, out, log = _background_process
             path = result_file(out, key)
+            if not path.is_file() and key != LEFT_BEHIND and claim(out, key):  # the background has not reached it
+                cache[key] = train(workdir, tracking_uri, key)
+                trained_here.add(key)
+                return cache[key]
             deadline = time.time() + 1200
             while not path.is_file():
                 if proc.poll() is not None and not path.is_file():
@@ -158,8 +174,10 @@ def background_runs(_background_process, workdir, tracking_uri):
             cache[key] = pickle.loads(path.read_bytes())
         else:
             cache[key] = train(workdir, tracking_uri, key)
+            trained_here.add(key)
         return cache[key]
 
+    get.trained_here = trained_here  # the keys this process trained itself
     return get
 
 
@@ -185,7 +203,7 @@ def erm_two_workers_one_killed(ray_cluster, digits_noisy, workdir, tracking_uri)
     import time
 
     from background_runs import workers_config
-    from ray.util.state import list_actors
+    from ray_state import train_worker_pids
 
     from metacorrect.platform.trainer import run
 
@@ -201,8 +219,7 @@ def erm_two_workers_one_killed(ray_cluster, digits_noisy, workdir, tracking_uri)
         while not (run_dir / "checkpoint_epoch0002").exists():
             assert driver.is_alive() and time.time() < deadline, "epoch 2 was never checkpointed"
             time.sleep(0.01)
-        workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
-        killed = workers[-1]["pid"]
+        killed = train_worker_pids()[-1]
         os.kill(killed, signal.SIGKILL)  # one worker: the other sees a collective error
     finally:
         driver.join(timeout=300)

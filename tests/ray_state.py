@@ -15,12 +15,28 @@ def _job() -> str:
     return ray.get_runtime_context().get_job_id()
 
 
+def _address() -> str:
+    """The connected cluster's address: without one, the state API looks for clusters on the machine and fails
+    when it finds several (other test sessions' or `ray start`'s)."""
+    import ray
+
+    return ray.get_runtime_context().gcs_address
+
+
 def alive_actors() -> dict[str, str]:
     """actor id -> class name of this job's alive actors."""
     from ray.util.state import list_actors
 
     return {a["actor_id"]: a["class_name"]
-            for a in list_actors(filters=[("state", "=", "ALIVE"), ("job_id", "=", _job())])}
+            for a in list_actors(address=_address(), filters=[("state", "=", "ALIVE"), ("job_id", "=", _job())])}
+
+
+def train_worker_pids() -> list[int]:
+    """Pids of this job's alive Ray Train workers (a test kills one by pid)."""
+    from ray.util.state import list_actors
+
+    return [a["pid"] for a in list_actors(address=_address(), filters=[
+        ("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE"), ("job_id", "=", _job())])]
 
 
 def left_behind(before: dict[str, str], wait_s: float = 10.0) -> tuple[list[str], list[dict]]:
@@ -31,7 +47,8 @@ def left_behind(before: dict[str, str], wait_s: float = 10.0) -> tuple[list[str]
     deadline = time.time() + wait_s
     while True:
         left = [name for actor, name in alive_actors().items() if actor not in before and name not in RAY_DATA_SERVICES]
-        groups = [g for g in list_placement_groups(filters=[("creator_job_id", "=", _job())]) if g["state"] != "REMOVED"]
+        groups = [g for g in list_placement_groups(address=_address(),
+                                                              filters=[("creator_job_id", "=", _job())]) if g["state"] != "REMOVED"]
         if not (left or groups) or time.time() > deadline:
             return left, groups
         time.sleep(0.5)

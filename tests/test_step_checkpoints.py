@@ -134,7 +134,7 @@ def test_a_driver_killed_mid_epoch_resumes_inside_it_each_id_once_and_ends_as_an
 
 
 def test_a_worker_killed_mid_epoch_is_retried_inside_it_each_id_once(ray_cluster, digits_noisy, tmp_path):
-    from ray.util.state import list_actors
+    from ray_state import train_worker_pids
 
     from metacorrect.config import ExperimentConfig
     from metacorrect.platform.trainer import run
@@ -151,8 +151,7 @@ def test_a_worker_killed_mid_epoch_is_retried_inside_it_each_id_once(ray_cluster
         while not _mid_epoch_committed(run_dir):
             assert driver.is_alive() and time.time() < deadline, "no step checkpoint inside epoch 2"
             time.sleep(0.01)
-        workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
-        os.kill(workers[-1]["pid"], signal.SIGKILL)
+        os.kill(train_worker_pids()[-1], signal.SIGKILL)
     finally:
         driver.join(timeout=300)
     result = outcome["result"]

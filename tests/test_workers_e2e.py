@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from background_runs import WORKERS_EPOCHS, WORKERS_METHODS as METHODS, workers_config
-from ray_state import alive_actors, left_behind
+from background_runs import LEFT_BEHIND, WORKERS_EPOCHS, WORKERS_METHODS as METHODS
 
 pytestmark = pytest.mark.slow
 
@@ -36,24 +35,21 @@ NOISY_ROWS = 1138
 
 
 @pytest.fixture(scope="module")
-def runs(ray_cluster, digits_noisy, workdir, tracking_uri, erm_two_workers_one_killed, background_runs):
-    """Each method on two Ray Train workers, two runs at a time (a quarter CPU per worker, so Ray Data keeps a
-    CPU: on 2 cores most of a short run is Ray starting and stopping processes, which overlaps well), and in the
-    driver (trained beside the suite by tests/background_runs.py, with the same settings). Returns (runs, this
-    process's actors alive before)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from metacorrect.platform.trainer import run
+def runs(erm_two_workers_one_killed, background_runs):
+    """Each method on two Ray Train workers and in the driver, with the same settings, trained beside the suite
+    by tests/background_runs.py (the two-worker runs two at a time on a cluster of its own) or, for a run it had
+    not reached, here; erm's two-worker run is conftest's run with a worker killed and retried (a retried run
+    must still learn what one worker learns). Returns (method -> (one, two), [(actors, placement groups) left
+    by the two-worker runs of each process that trained some], two-worker runs that check covered)."""
+    from ray_state import alive_actors, left_behind
 
     before = alive_actors()
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        # erm's two-worker run had a worker killed and retried (conftest): it must still learn what one learns.
-        two = {m: pool.submit(run, workers_config(m, digits_noisy, workdir, tracking_uri).with_overrides(
-            ["resources.num_workers=2", "resources.cpus_per_worker=0.25"]), progress=False)
-            for m in METHODS if m != "erm"}
-        out = {m: (background_runs(("workers", m)), erm_two_workers_one_killed[0] if m == "erm" else two[m].result())
-               for m in METHODS}
-    return out, before
+    out = {m: (background_runs(("workers", m)),
+               erm_two_workers_one_killed[0] if m == "erm" else background_runs(("two_workers", m)))
+           for m in METHODS}
+    *background_left, background_count = background_runs(LEFT_BEHIND)
+    here = sum(key[0] == "two_workers" for key in background_runs.trained_here)
+    return out, [tuple(background_left), left_behind(before)], background_count + here
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -92,10 +88,12 @@ def test_a_two_worker_run_logs_params_metrics_and_artifacts(runs, method):
 
 
 def test_runs_leave_no_actor_or_placement_group_behind(runs):
-    """After the two-worker `run()` calls of this process (two at a time), Ray's state API lists no actor and no
-    placement group of those runs (runs on one worker and in the driver: test_faults.py)."""
-    left, groups = left_behind(runs[1])
-    assert not left and not groups, (left, groups)
+    """After the two-worker `run()` calls of one process (two at a time, tests/background_runs.py), Ray's state
+    API lists no actor and no placement group of those runs (runs on one worker and in the driver:
+    test_faults.py)."""
+    for left, groups in runs[1]:
+        assert not left and not groups, (left, groups)
+    assert runs[2] == len(METHODS) - 1, "every two-worker run but erm's (test_faults.py) was checked"
 
 
 def _artifact_sizes(client, run_id, path=None) -> dict[str, int]:

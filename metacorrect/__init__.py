@@ -6,11 +6,20 @@
     sweep = metacorrect.sweep("configs/digits_mlc.yaml", num_samples=8)   # Ray Tune, MLflow parent run
     sweep.trials, sweep.best_config, sweep.save_best("best.yaml")
 """
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
 from metacorrect.config import ConfigError, ExperimentConfig
 from metacorrect.platform.results import RunResult, load_results
 
+if TYPE_CHECKING:
+    from metacorrect.tuning.sweep import SweepResult
 
-def run(config=None, overrides=None, progress: bool = True) -> RunResult:
+
+def run(config: ExperimentConfig | str | Path | dict[str, Any] | None = None, overrides: list[str] | None = None,
+        progress: bool = True) -> RunResult:
     """Train one method on one data set on Ray Train, tracked in MLflow.
 
     The config is validated whole before anything starts, the data set is prepared from `data.prepare` if
@@ -32,7 +41,8 @@ def run(config=None, overrides=None, progress: bool = True) -> RunResult:
     return _run(config, overrides, progress)
 
 
-def sweep(config=None, space=None, num_samples: int = 8, **options):
+def sweep(config: ExperimentConfig | str | Path | dict[str, Any] | None = None,
+          space: dict[str, Any] | str | Path | None = None, num_samples: int = 8, **options: Any) -> SweepResult:
     """Search hyper-parameters with Ray Tune, each trial a full Ray Train run, tracked as nested MLflow runs.
 
     Args:
@@ -46,8 +56,8 @@ def sweep(config=None, space=None, num_samples: int = 8, **options):
             `progress`.
 
     Returns:
-        A result with `trials` (a pandas DataFrame, best first), `best_config`, `save_best(path)` and
-        `parent_run_id`.
+        The sweep's result, with `trials` (a pandas DataFrame, best first), `best_config`,
+            `save_best(path)` and `parent_run_id`.
     """
     from metacorrect.tuning.sweep import sweep as _sweep
 

@@ -1,14 +1,15 @@
-# Two commands from a fresh checkout: `make run` (demo) and `make test` (whole suite).
+# Two commands from a fresh checkout: `make run` (demo) and `make test` (whole suite); `make docs` builds the docs site.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install clean-runs help
+.PHONY: run test docs install clean-runs help
 
 help:
 	@echo "make run    - install into $(VENV) if needed, train erm and clean_only on noisy digits, print results"
 	@echo "make test   - install into $(VENV) if needed, run the whole test suite"
+	@echo "make docs   - install into $(VENV) if needed, build the docs site into site/ (warnings are errors)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +26,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict --site-dir site
+	@echo "docs built: open $(CURDIR)/site/index.html (or serve them: $(BIN)/python -m mkdocs serve)"
 
 clean-runs:
 	rm -rf runs mlruns data

@@ -1,4 +1,4 @@
-"""Accuracy of every method on digits over several seeds: the figures behind the README's accuracy tables and
+"""Accuracy of every method on digits over several seeds: the figures behind the accuracy tables of docs/benchmarks.md and
 the margins that the end-to-end tests assert on one seed.
 
 Each method runs its digits config (`configs/digits_*.yaml`) on the same prepared data (digits, 10 clean and 20

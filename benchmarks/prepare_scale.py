@@ -1,4 +1,4 @@
-"""Wall time and peak memory of a synthetic prepare at scale (the numbers in README 'Data sets').
+"""Wall time and peak memory of a synthetic prepare at scale (the numbers in docs/benchmarks.md).
 
 Runs `metacorrect data prepare synthetic --n N --classes C --image-size S` as a child process and samples,
 every 0.2 s, the RSS of its largest process and the PSS summed over it and every process it started (the

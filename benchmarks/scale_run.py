@@ -1,6 +1,6 @@
 """A run at scale on 2 Ray Train workers: steps lost to a killed worker, the noisy-set evaluation's share of
 wall time with `train.eval_noisy: known` and `all`, and the memory of the driver and the workers (the table in
-README "Step checkpoints and step metrics").
+docs/benchmarks.md, "A run at scale").
 
 Prepares (once) a synthetic set of --n images (64x64x3, 14 classes, 40% symmetric noise), then trains, per
 row, --epochs epochs with `checkpoint_every` and `log_every`:

@@ -1,4 +1,4 @@
-"""Memory of one epoch streamed to 2 training workers, at any scale (the 1M-image row in README 'Data sets').
+"""Memory of one epoch streamed to 2 training workers, at any scale (the 1M-image row in docs/benchmarks.md).
 
 Opens the noisy split of a prepared data set as the trainer does (`open_split`, shuffled row groups,
 `streaming_split` into one shard per worker) and has 2 Ray actors iterate their shards as torch batches.

@@ -6,19 +6,59 @@
     sweep = metacorrect.sweep("configs/digits_mlc.yaml", num_samples=8)   # Ray Tune, MLflow parent run
     sweep.trials, sweep.best_config, sweep.save_best("best.yaml")
 """
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
 from metacorrect.config import ConfigError, ExperimentConfig
 from metacorrect.platform.results import RunResult, load_results
 
+if TYPE_CHECKING:
+    from metacorrect.tuning.sweep import SweepResult
 
-def run(config=None, overrides=None, progress: bool = True) -> RunResult:
-    """Train one method (see `metacorrect.platform.trainer.run`)."""
+
+def run(config: ExperimentConfig | str | Path | dict[str, Any] | None = None, overrides: list[str] | None = None,
+        progress: bool = True) -> RunResult:
+    """Train one method on one data set on Ray Train, tracked in MLflow.
+
+    The config is validated whole before anything starts, the data set is prepared from `data.prepare` if
+    it does not exist, and a run whose `tracking.run_name` already exists resumes from its last checkpoint.
+
+    Args:
+        config: an `ExperimentConfig`, the path of a YAML file, a dict of sections, or None for the defaults.
+        overrides: dotted `key=value` strings applied on top, as `--set` does (e.g. `["optim.lr=0.1"]`).
+        progress: print the project's progress lines (data set, run start, one line per epoch).
+
+    Returns:
+        The run's final metrics, per-epoch history, MLflow run id and latest checkpoint.
+
+    Raises:
+        ConfigError: the config is invalid (one line per problem); nothing was started.
+    """
     from metacorrect.platform.trainer import run as _run
 
     return _run(config, overrides, progress)
 
 
-def sweep(config=None, space=None, num_samples: int = 8, **options):
-    """Search hyper-parameters with Ray Tune, each trial a Ray Train run (see `metacorrect.tuning.sweep.sweep`)."""
+def sweep(config: ExperimentConfig | str | Path | dict[str, Any] | None = None,
+          space: dict[str, Any] | str | Path | None = None, num_samples: int = 8, **options: Any) -> SweepResult:
+    """Search hyper-parameters with Ray Tune, each trial a full Ray Train run, tracked as nested MLflow runs.
+
+    Args:
+        config: as for `run`.
+        space: a dict or YAML file mapping dotted fields to specs (`{"optim.lr": {"loguniform": [1e-3, 0.1]}}`);
+            None searches the method's default space.
+        num_samples: trials to draw (times each grid entry).
+        **options: `scheduler` ("asha" or "fifo"), `search` ("random" or "optuna"), `metric` ("val_accuracy"
+            or "val_loss"), `mode`, `max_concurrent_trials`, `resources_per_trial` (a dict of `resources.*`
+            fields for every trial), `name`, `resume` (continue the sweep of that name), `overrides`, `seed`,
+            `progress`.
+
+    Returns:
+        The sweep's result, with `trials` (a pandas DataFrame, best first), `best_config`,
+            `save_best(path)` and `parent_run_id`.
+    """
     from metacorrect.tuning.sweep import sweep as _sweep
 
     return _sweep(config, space, num_samples, **options)

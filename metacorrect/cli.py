@@ -109,11 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     p_data = sub.add_parser("data", help="prepare and inspect data sets")
     data_sub = p_data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     p_prep = data_sub.add_parser("prepare", help="turn a source into the canonical parquet data set",
-                                 description="Turn a source into the canonical parquet data set (README 'Data "
-                                 "contract'). The directory appears only when complete; image-folder sources "
-                                 "are prepared on Ray and resume where a killed prepare stopped.")
+                                 description="Turn a source into the canonical parquet data set (docs/data.md, "
+                                 "'The data contract'). The directory appears only when complete; image-folder "
+                                 "sources are prepared on Ray and resume where a killed prepare stopped.")
     p_prep.add_argument("source", help="source name: digits, synthetic, cifar10, cifar100, cifar10n, clothing1m, "
-                        "food101n (file sources need --option root=PATH; see README 'Data sets')")
+                        "food101n (file sources need --option root=PATH; see docs/data.md, 'Sources')")
     p_prep.add_argument("--out", required=True, help="output directory (appears only when complete)")
     p_prep.add_argument("--noise", default=None, help=NOISE_HELP + " (default: none)")
     p_prep.add_argument("--clean-per-class", type=int, default=None, help="clean (meta) images per class (default: 10)")

@@ -29,12 +29,12 @@ class ConfigError(ValueError):
 class PrepareConfig:
     """How the data set at `data.path` is made when it does not exist yet."""
 
-    source: str = "digits"
-    noise: str = "symmetric:0.6"
-    clean_per_class: int = 10
-    val_per_class: int = 20
+    source: str = "digits"  # digits | synthetic | cifar10 | cifar100 | cifar10n | clothing1m | food101n
+    noise: str = "symmetric:0.6"  # label noise model, as `metacorrect data prepare --noise`
+    clean_per_class: int = 10  # clean (meta) images per class: the clean_train split
+    val_per_class: int = 20  # clean validation images per class (model selection)
     test_fraction: float = 0.2  # only for sources without a test split of their own
-    seed: int = 0
+    seed: int = 0  # seed of the splits and of the noise
     options: dict[str, Any] = field(default_factory=dict)  # source-specific, e.g. synthetic n / image_size
 
     def validate(self) -> list[str]:
@@ -55,6 +55,8 @@ class PrepareConfig:
 
 @dataclass
 class DataConfig:
+    """The prepared data set a run trains on, and how the training batches are read."""
+
     path: str | None = None  # prepared data set directory; default: data/<name derived from prepare>
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     augment: str = "none"  # none | shift | crop_flip (random, on the worker's device, training batches only)
@@ -78,6 +80,8 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    """The student network (meta-models that need a backbone, such as EMLC's teacher, use the same)."""
+
     arch: str = "small_cnn"  # small_cnn | mlp | resnet18 | resnet34 | resnet50 (+ _cifar for the 3x3 stem)
     width: int = 32  # base channels / hidden units of the small models
     pretrained: str | None = None  # path to a torchvision state dict (no downloads)
@@ -97,13 +101,15 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    nesterov: bool = False
+    """The student's optimizer: SGD, whose step the meta methods' look-ahead follows."""
+
+    lr: float = 0.05  # learning rate (the look-ahead of the meta methods uses its current value)
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float = 5e-4  # SGD weight decay (L2)
+    nesterov: bool = False  # Nesterov momentum (needs momentum > 0)
     schedule: str = "cosine"  # constant | cosine | multistep (stepped once per epoch)
     milestones: list[int] = field(default_factory=list)  # epochs, for multistep
-    gamma: float = 0.1
+    gamma: float = 0.1  # multistep: the lr is multiplied by this at each milestone
 
     def validate(self) -> list[str]:
         problems = field_problems("optim", self, {"lr": POSITIVE, "momentum": UNIT_HALF_OPEN,
@@ -124,21 +130,23 @@ RENAMED = {"train.eval_noisy_train": "train.eval_noisy (known | all | off)"}
 
 @dataclass
 class TrainConfig:
-    epochs: int = 10
+    """The training loop: epochs, batch sizes, evaluation, checkpoints and step metrics."""
+
+    epochs: int = 10  # passes over the noisy training set
     batch_size: int = 64  # global noisy batch per step, split evenly over workers
     clean_batch_size: int = 32  # global clean (meta) batch per step
-    eval_batch_size: int = 512
-    seed: int = 0
-    # Per-epoch label recovery of the model (and a method's corrected labels) on the noisy set: `known` measures
-    # it on the noisy rows whose true label is known (a fixed, seeded subset of at most `eval_noisy_max`);
-    # `all` passes over every noisy row each epoch; `off` skips it. The exports (corrected labels, weights of
-    # every noisy id) come from one full pass at the end unless `off`.
+    eval_batch_size: int = 512  # rows per forward pass when evaluating
+    seed: int = 0  # seed of the model's initialisation, the batch order, clean-batch draws and augmentation
     # Mixed precision of every training step, the meta passes included (the look-ahead's JVP, the clean
     # gradient at w', the VJP through a meta-model): `bf16` autocasts matrix products and convolutions to
     # bfloat16, on CPU and GPU; label tables, meta-gradient accumulators, weights and optimizer state stay fp32.
     precision: str = "fp32"
+    # Per-epoch label recovery of the model (and a method's corrected labels) on the noisy set: `known` measures
+    # it on the noisy rows whose true label is known (a fixed, seeded subset of at most `eval_noisy_max`);
+    # `all` passes over every noisy row each epoch; `off` skips it. The exports (corrected labels, weights of
+    # every noisy id) come from one full pass at the end unless `off`.
     eval_noisy: str = "known"
-    eval_noisy_max: int = 50_000
+    eval_noisy_max: int = 50_000  # with `known`: at most this many rows, a fixed seeded subset
     # Steps between checkpoints inside an epoch (0: at epoch ends only). A run resumes from the latest one,
     # mid-epoch: the rest of that epoch trains on exactly the noisy ids it had not trained on yet.
     checkpoint_every: int = 0
@@ -159,12 +167,14 @@ class TrainConfig:
 
 @dataclass
 class ResourcesConfig:
+    """Workers and devices; the same experiment moves from a laptop to a GPU cluster by changing these."""
+
     num_workers: int = 2  # Ray Train workers; 0 runs the loop in the driver (debugging)
-    use_gpu: bool = False
+    use_gpu: bool = False  # one GPU per worker (or `gpus_per_worker`)
     gpus_per_worker: float = 1.0  # with use_gpu; a fraction (e.g. 0.5) packs several sweep trials on one GPU
-    cpus_per_worker: float | None = None  # None: share the cluster's CPUs, leaving `data_cpus` to Ray Data
+    cpus_per_worker: float | None = None  # null: share the cluster's CPUs, leaving `data_cpus` to Ray Data
     data_cpus: float = 1.0  # CPUs left free for Ray Data's decode/augment tasks when sharing
-    max_failures: int = 2  # worker-group restarts from the last checkpoint
+    max_failures: int = 2  # worker-group restarts from the last checkpoint (-1: unlimited)
 
     def validate(self) -> list[str]:
         problems = field_problems("resources", self, {
@@ -177,15 +187,17 @@ class ResourcesConfig:
 
 @dataclass
 class TrackingConfig:
+    """Where the run is recorded (MLflow) and where its checkpoints go."""
+
     uri: str | None = None  # MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlruns/mlflow.db
-    experiment: str = "metacorrect"
+    experiment: str = "metacorrect"  # MLflow experiment name
     run_name: str | None = None  # fixed name: a second run with it resumes from its last checkpoint
     storage_path: str = "runs"  # checkpoints and Ray Train state (shared storage on a cluster)
-    log_model: bool = True
+    log_model: bool = True  # log the final student's state dict as an artifact (model/model.pt)
     # CPU, memory, disk, network and (where a GPU and nvidia-ml-py exist) GPU use of each worker node, as
     # MLflow system metrics, sampled every `system_metrics_interval_s` seconds.
     system_metrics: bool = True
-    system_metrics_interval_s: float = 10.0
+    system_metrics_interval_s: float = 10.0  # seconds between two samples of the system metrics
 
     def validate(self) -> list[str]:
         return field_problems("tracking", self, {"system_metrics_interval_s": POSITIVE})
@@ -212,6 +224,8 @@ class MethodConfig:
 
 @dataclass
 class ExperimentConfig:
+    """A whole experiment: one section per dataclass, read from YAML and `--set a.b=c` overrides."""
+
     method: MethodConfig = field(default_factory=MethodConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -241,6 +255,7 @@ class ExperimentConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+        """Read a YAML file, apply `key=value` overrides, build and validate; raises ConfigError."""
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
@@ -253,6 +268,7 @@ class ExperimentConfig:
         return cls.from_dict(apply_overrides(raw, overrides or []))
 
     def with_overrides(self, overrides: list[str]) -> ExperimentConfig:
+        """A new config with dotted `key=value` strings applied (a `method.name` switch first), validated."""
         # Switching method first drops the old method's own fields, which the new one would reject.
         names = [v for k, _, v in (o.partition("=") for o in overrides) if k.strip() == "method.name"]
         base = self.for_method(names[-1].strip()) if names else self
@@ -286,9 +302,11 @@ class ExperimentConfig:
 
     # ---- output ---------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
+        """Nested dict of sections, as the YAML file holds them."""
         return dataclasses.asdict(self)
 
     def to_yaml(self, path: str | Path | None = None) -> str:
+        """The config as YAML text, also written to `path` when given."""
         text = yaml.safe_dump(self.to_dict(), sort_keys=False)
         if path is not None:
             Path(path).write_text(text)
@@ -299,6 +317,7 @@ class ExperimentConfig:
         return _flatten(self.to_dict())
 
     def problems(self) -> list[str]:
+        """Every validation problem, one line each (empty when the config is valid)."""
         problems = []
         for f in dataclasses.fields(self):
             section = getattr(self, f.name)

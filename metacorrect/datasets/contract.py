@@ -1,4 +1,4 @@
-"""The on-disk data contract every part of metacorrect reads (README "Data contract").
+"""The on-disk data contract every part of metacorrect reads (docs/data.md, "The data contract").
 
 DIR/meta.json + DIR/{noisy_train,clean_train,val,test}/part-*.parquet with columns
 id int64 (dense 0..N-1 per split), image binary, label int16 (what a method may see),

@@ -1,7 +1,7 @@
 """Named CIFAR protocols of the papers: clean (meta) and validation set sizes and the noise model.
 
 `--preset NAME:RATE` fills --noise, --clean-per-class and --val-per-class (the sizes and
-noise models the papers' own loaders use; README "Data sets"):
+noise models the papers' own loaders use; docs/data.md, "Paper presets"):
 
   mlc-uniform   MLC/MW-Net "unif": label redrawn over all C classes (may stay), 1000 clean, 1000 val
   mlc-flip      MLC "flip": each class flips to one random other class (np.random.seed(1) map), 1000 clean

@@ -21,6 +21,9 @@ TABLE_COLUMNS = (
 
 @dataclass
 class RunResult:
+    """What `metacorrect.run` returns: the last epoch's metrics, the per-epoch history and where the run lives
+    (its MLflow run id and tracking URI, its latest checkpoint, its run directory and data set)."""
+
     run_name: str
     method: str
     metrics: dict[str, float]  # the last epoch's metrics
@@ -81,7 +84,8 @@ def where(tracking_uri: str) -> str:
 
 
 def load_results(experiment: str = "metacorrect", tracking_uri: str | None = None):
-    """All runs of an experiment as a pandas DataFrame (params.*, metrics.*, tags.*), newest first."""
+    """All runs of an experiment as a pandas DataFrame (columns `params.*`, `metrics.*`, `tags.*`), newest
+    first."""
     import mlflow
 
     uri = resolve_tracking_uri(tracking_uri)

@@ -6,7 +6,7 @@ ROOT/meta/verified_val.tsv     same format
 ROOT/images/<class>/<file>.jpg
 
 Classes are the sorted folder names of imagelist.tsv (the official code uses filesystem glob order,
-which differs between machines). Split protocol used here (documented in README):
+which differs between machines). Split protocol used here (documented in docs/data.md):
   test        = verified_val entries with flag 1 (their label is verified correct);
   val, clean  = `val_per_class` and `clean_per_class` images per class drawn (seeded) from the verified_train
                 entries with flag 1;

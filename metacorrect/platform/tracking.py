@@ -15,6 +15,12 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_DIR = "mlruns"
+# The MLflow 3 UI opens an experiment on the view of its kind: a model-training experiment on its runs table
+# (an experiment without the tag may be inferred to be a GenAI one and open on its traces page).
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+EXPERIMENT_NOTE = ("Runs of metacorrect: image classifiers trained on noisily-labelled data. Filter by the tags "
+                   "method, source, noise_type, noise_rate, clean_size and seed; each run's description is its "
+                   "config in one line.")
 DATASET_ATTEMPTS = 5  # log_dataset: concurrent first logs of one data set race in MLflow's store
 
 
@@ -52,18 +58,22 @@ def client(uri: str):
 
 
 def experiment_id(uri: str, name: str) -> str:
+    """The experiment's id, created if new, as a model-training experiment (`EXPERIMENT_KIND`) with a
+    description; an existing experiment without a kind gets it (one the user set is kept)."""
     c = client(uri)
     exp = c.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    root = _artifact_root(uri)
-    try:
-        return c.create_experiment(name, artifact_location=f"{root}/{name}" if root else None)
-    except Exception:  # created concurrently by another process
-        exp = c.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+    if exp is None:
+        root = _artifact_root(uri)
+        tags = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, "mlflow.note.content": EXPERIMENT_NOTE}
+        try:
+            return c.create_experiment(name, artifact_location=f"{root}/{name}" if root else None, tags=tags)
+        except Exception:  # created concurrently by another process
+            exp = c.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if EXPERIMENT_KIND_TAG not in exp.tags:
+        c.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return exp.experiment_id
 
 
 def start_run(uri: str, experiment: str, run_name: str, run_dir: Path, tags: dict[str, str] | None = None) -> tuple[str, bool]:
@@ -74,7 +84,7 @@ def start_run(uri: str, experiment: str, run_name: str, run_dir: Path, tags: dic
     """
     marker = Path(run_dir) / "mlflow_run.json"
     c = client(uri)
-    if marker.is_file():
+    if marker.is_file():  # its name and tags were set when it was created
         info = json.loads(marker.read_text())
         if info.get("tracking_uri") == uri:
             try:
@@ -102,8 +112,10 @@ def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
 def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int) -> None:
     from mlflow.entities import Metric
 
+    from metacorrect.platform.run_layout import metric_value
+
     now = int(time.time() * 1000)
-    items = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
+    items = [Metric(k, metric_value(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
     client(uri).log_batch(run_id, metrics=items)
 
 
@@ -132,14 +144,28 @@ def log_dataset(uri: str, run_id: str, name: str, path: str, digest: str, contex
 
 
 def log_rows(uri: str, run_id: str, rows: list[tuple[int, dict[str, float]]]) -> None:
-    """(step, metrics) rows in as few requests as MLflow allows (1,000 metrics each)."""
-    from mlflow.entities import Metric
+    """(step, metrics) rows in as few requests as MLflow allows (1,000 values each). Bookkeeping values
+    (`run_layout.BOOKKEEPING`: epoch, best epoch, epoch time, ...) are set as tags, the rows' latest value
+    each, in the last request; the rest are metrics, rounded to `run_layout.SIGNIFICANT_DIGITS`."""
+    from mlflow.entities import Metric, RunTag
+
+    from metacorrect.platform.run_layout import is_bookkeeping, metric_value, tag_value
 
     now = int(time.time() * 1000)
-    items = [Metric(k, float(v), now, step) for step, metrics in rows for k, v in metrics.items()
-             if isinstance(v, (int, float))]
-    for start in range(0, len(items), 1000):
-        client(uri).log_batch(run_id, metrics=items[start:start + 1000])
+    items, tags = [], {}
+    for step, metrics in rows:
+        for k, v in metrics.items():
+            if not isinstance(v, (int, float)):
+                continue
+            if is_bookkeeping(k):
+                tags[k] = tag_value(v)
+            else:
+                items.append(Metric(k, metric_value(v), now, step))
+    last = [RunTag(k, v) for k, v in tags.items()]
+    size = 1000 - len(last)
+    batches = [items[start:start + size] for start in range(0, len(items), size)] or ([[]] if last else [])
+    for i, batch in enumerate(batches):
+        client(uri).log_batch(run_id, metrics=batch, tags=last if i == len(batches) - 1 else [])
 
 
 def logged_steps(uri: str, run_id: str, key: str) -> set[int]:

@@ -3,6 +3,7 @@ by, a one-line description, bookkeeping values as tags rather than charts, and `
 registering the final student with the run's metrics. Real SQLite stores, a real run in the driver."""
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 from pathlib import Path
@@ -24,6 +25,11 @@ def test_new_and_existing_experiments_open_on_the_training_view(tmp_path):
     new = c.get_experiment(tracking.experiment_id(uri, "fresh"))
     assert new.tags["mlflow.experimentKind"] == "custom_model_development"
     assert new.tags["mlflow.note.content"].startswith("Runs of metacorrect")
+    # the runs table with the researcher's columns, opened by the UI's share-view link
+    view = json.loads(new.tags["mlflow.sharedViewState.metacorrect"])
+    assert {"tags.`method`", "tags.`noise_rate`", "tags.`seed`", "metrics.`test_accuracy`"} <= set(
+        view["selectedColumns"])
+    assert tracking.view_path(new.experiment_id).endswith("/runs?viewStateShareKey=metacorrect")
     old = c.create_experiment("made-before")  # e.g. by an older metacorrect: no kind
     assert tracking.experiment_id(uri, "made-before") == old
     assert c.get_experiment(old).tags["mlflow.experimentKind"] == "custom_model_development"
@@ -98,6 +104,7 @@ def test_a_run_is_named_tagged_described_and_registers_its_final_student(ray_clu
     description = tags["mlflow.note.content"]
     assert description.startswith(f"erm on {meta.name}: symmetric:0.6 noise (actual 0.") and "\n" not in description
     assert "100 clean" in description and "seed 3" in description and "2 epochs" in description
+    assert description.endswith("; in the driver")
 
     # charts: what a researcher reads; bookkeeping: tags
     assert {"val_accuracy", "test_accuracy", "train_loss", "best_val_accuracy", "lr"} <= set(mlrun.data.metrics)
@@ -112,6 +119,7 @@ def test_a_run_is_named_tagged_described_and_registers_its_final_student(ray_clu
     assert version.source.startswith("models:/m-"), version.source  # the run's logged model
     logged = c.get_logged_model(version.source.removeprefix("models:/"))
     assert logged.source_run_id == result.mlflow_run_id and logged.experiment_id == mlrun.info.experiment_id
+    assert "READY" in str(logged.status)
     linked = {m.key: m.value for m in logged.metrics}
     assert linked["val_accuracy"] == mlrun.data.metrics["val_accuracy"]
     assert linked["test_accuracy"] == mlrun.data.metrics["test_accuracy"]

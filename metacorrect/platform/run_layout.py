@@ -97,7 +97,7 @@ def run_tags(cfg: ExperimentConfig, meta: DatasetMeta) -> dict[str, str]:
 
 def description(cfg: ExperimentConfig, meta: DatasetMeta) -> str:
     """One line: method, data, noise, clean set, seed, model, optimisation and workers."""
-    kind, rate = noise_parts(meta)
+    kind, _ = noise_parts(meta)
     noise = "no synthetic noise" if kind == "none" else f"{meta.noise} noise"
     if meta.actual_noise_rate is not None and kind != "none":
         noise += f" (actual {meta.actual_noise_rate:.3f})"
@@ -105,7 +105,7 @@ def description(cfg: ExperimentConfig, meta: DatasetMeta) -> str:
     return (f"{cfg.method.name} on {meta.name}: {noise}, {meta.counts.get('clean_train', 0)} clean, "
             f"{meta.counts.get('noisy_train', 0)} noisy; seed {t.seed}; {cfg.model.arch} width {cfg.model.width}; "
             f"{t.epochs} epochs, batch {t.batch_size}+{t.clean_batch_size} clean, lr {o.lr:g} {o.schedule}; "
-            f"{r.num_workers} worker(s){' on GPU' if r.use_gpu else ''}")
+            + (f"{r.num_workers} worker(s){' on GPU' if r.use_gpu else ''}" if r.num_workers else "in the driver"))
 
 
 def source_tags() -> dict[str, str]:

@@ -18,6 +18,14 @@ DEFAULT_DIR = "mlruns"
 # The MLflow 3 UI opens an experiment on the view of its kind: a model-training experiment on its runs table
 # (an experiment without the tag may be inferred to be a GenAI one and open on its traces page).
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+# The MLflow UI has no per-experiment default columns; its "share view" links (`?viewStateShareKey=KEY`) load a
+# table state stored as the experiment tag `mlflow.sharedViewState.KEY`. Every experiment gets one such view:
+# the researcher's columns (README/docs: "MLflow").
+VIEW_KEY = "metacorrect"
+VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
+VIEW_COLUMNS = ([f"tags.`{t}`" for t in ("method", "noise_type", "noise_rate", "clean_size", "seed")]
+                + [f"metrics.`{m}`" for m in ("val_accuracy", "test_accuracy", "best_val_accuracy",
+                                             "test_at_best_val")] + ["attributes.`Models`"])
 EXPERIMENT_NOTE = ("Runs of metacorrect: image classifiers trained on noisily-labelled data. Filter by the tags "
                    "method, source, noise_type, noise_rate, clean_size and seed; each run's description is its "
                    "config in one line.")
@@ -59,12 +67,14 @@ def client(uri: str):
 
 def experiment_id(uri: str, name: str) -> str:
     """The experiment's id, created if new, as a model-training experiment (`EXPERIMENT_KIND`) with a
-    description; an existing experiment without a kind gets it (one the user set is kept)."""
+    description and the researcher's view of its runs table (`VIEW_TAG`); an existing experiment without a
+    kind or that view gets them (a kind the user set is kept)."""
     c = client(uri)
     exp = c.get_experiment_by_name(name)
     if exp is None:
         root = _artifact_root(uri)
-        tags = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, "mlflow.note.content": EXPERIMENT_NOTE}
+        tags = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, "mlflow.note.content": EXPERIMENT_NOTE,
+                VIEW_TAG: json.dumps({"selectedColumns": VIEW_COLUMNS})}
         try:
             return c.create_experiment(name, artifact_location=f"{root}/{name}" if root else None, tags=tags)
         except Exception:  # created concurrently by another process
@@ -73,7 +83,14 @@ def experiment_id(uri: str, name: str) -> str:
                 raise
     if EXPERIMENT_KIND_TAG not in exp.tags:
         c.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    if VIEW_TAG not in exp.tags:
+        c.set_experiment_tag(exp.experiment_id, VIEW_TAG, json.dumps({"selectedColumns": VIEW_COLUMNS}))
     return exp.experiment_id
+
+
+def view_path(experiment_id: str) -> str:
+    """The UI's path (after the server's address) of the experiment's runs table with the researcher's columns."""
+    return f"/#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}"
 
 
 def start_run(uri: str, experiment: str, run_name: str, run_dir: Path, tags: dict[str, str] | None = None) -> tuple[str, bool]:
@@ -144,9 +161,9 @@ def log_dataset(uri: str, run_id: str, name: str, path: str, digest: str, contex
 
 
 def log_rows(uri: str, run_id: str, rows: list[tuple[int, dict[str, float]]]) -> None:
-    """(step, metrics) rows in as few requests as MLflow allows (1,000 values each). Bookkeeping values
+    """(step, metrics) rows in as few requests as MLflow allows (1,000 metrics each). Bookkeeping values
     (`run_layout.BOOKKEEPING`: epoch, best epoch, epoch time, ...) are set as tags, the rows' latest value
-    each, in the last request; the rest are metrics, rounded to `run_layout.SIGNIFICANT_DIGITS`."""
+    each, first; the rest are metrics, rounded to `run_layout.SIGNIFICANT_DIGITS`."""
     from mlflow.entities import Metric, RunTag
 
     from metacorrect.platform.run_layout import is_bookkeeping, metric_value, tag_value
@@ -161,11 +178,13 @@ def log_rows(uri: str, run_id: str, rows: list[tuple[int, dict[str, float]]]) ->
                 tags[k] = tag_value(v)
             else:
                 items.append(Metric(k, metric_value(v), now, step))
-    last = [RunTag(k, v) for k, v in tags.items()]
-    size = 1000 - len(last)
-    batches = [items[start:start + size] for start in range(0, len(items), size)] or ([[]] if last else [])
-    for i, batch in enumerate(batches):
-        client(uri).log_batch(run_id, metrics=batch, tags=last if i == len(batches) - 1 else [])
+    c = client(uri)
+    if tags:  # before the metrics: MLflow stores a batch's metrics and tags in separate transactions, and a
+        # process stopped between them (a trial its scheduler stops) must not leave the epoch's metrics, by
+        # which `records.log_missing_epochs` knows the epoch is logged, without its tags
+        c.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+    for start in range(0, len(items), 1000):
+        c.log_batch(run_id, metrics=items[start:start + 1000])
 
 
 def logged_steps(uri: str, run_id: str, key: str) -> set[int]:

@@ -29,7 +29,8 @@ def test_new_and_existing_experiments_open_on_the_training_view(tmp_path):
     view = json.loads(new.tags["mlflow.sharedViewState.metacorrect"])
     assert {"tags.`method`", "tags.`noise_rate`", "tags.`seed`", "metrics.`test_accuracy`"} <= set(
         view["selectedColumns"])
-    assert tracking.view_path(new.experiment_id).endswith("/runs?viewStateShareKey=metacorrect")
+    assert tracking.view_path(new.experiment_id) == (
+        f"/#/experiments/{new.experiment_id}/runs?workflowType=machine_learning&viewStateShareKey=metacorrect")
     old = c.create_experiment("made-before")  # e.g. by an older metacorrect: no kind
     assert tracking.experiment_id(uri, "made-before") == old
     assert c.get_experiment(old).tags["mlflow.experimentKind"] == "custom_model_development"
@@ -111,6 +112,10 @@ def test_a_run_is_named_tagged_described_and_registers_its_final_student(ray_clu
     assert not {"epoch", "best_epoch", "epoch_time_s", "steps", "noisy_rows_seen", "wall_s"} & set(mlrun.data.metrics)
     assert tags["epoch"] == "2" and tags["best_epoch"] in ("1", "2") and float(tags["epoch_time_s"]) > 0
     assert float(tags["wall_s"]) > 0
+
+    # the printed result links the runs table in the training workflow with the researcher's columns
+    assert (f"runs table: http://127.0.0.1:5000/#/experiments/{mlrun.info.experiment_id}/runs?"
+            "workflowType=machine_learning&viewStateShareKey=metacorrect") in str(result)
 
     # the registry: a version of the final student, from this run, with the run's last-epoch metrics
     assert tags["registered_model"] == "digits-student/1"

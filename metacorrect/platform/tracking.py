@@ -89,8 +89,17 @@ def experiment_id(uri: str, name: str) -> str:
 
 
 def view_path(experiment_id: str) -> str:
-    """The UI's path (after the server's address) of the experiment's runs table with the researcher's columns."""
-    return f"/#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}"
+    """The UI's path (after the server's address) of the experiment's runs table with the researcher's columns,
+    in the UI's "Model training" workflow (MLflow 3.17's UI opens every experiment in the workflow chosen in the
+    browser, GenAI by default, whatever the experiment's kind)."""
+    return f"/#/experiments/{experiment_id}/runs?workflowType=machine_learning&viewStateShareKey={VIEW_KEY}"
+
+
+def runs_table_url(uri: str, run_id: str) -> str:
+    """Where the runs table of `run_id`'s experiment opens: on the tracking server, or on `mlflow ui`'s default
+    address for a local store."""
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return base + view_path(client(uri).get_run(run_id).info.experiment_id)
 
 
 def start_run(uri: str, experiment: str, run_name: str, run_dir: Path, tags: dict[str, str] | None = None) -> tuple[str, bool]:

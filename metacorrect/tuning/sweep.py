@@ -103,7 +103,7 @@ class SweepResult:
         best = (f"best: trial {self.best_trial_id}, {self.metric} {self.trials.iloc[0]['best_' + self.metric]:.4f}"
                 if self.best_trial_id else "best: none")
         return (f"{self.table()}\n{best}\nsweep {self.name}: {len(self.trials)} trials, MLflow parent run "
-                f"{self.parent_run_id}\n{where(self.tracking_uri)}")
+                f"{self.parent_run_id}\n{where(self.tracking_uri, self.parent_run_id)}")
 
 
 def sweep(config: ExperimentConfig | str | Path | dict[str, Any] | None = None,

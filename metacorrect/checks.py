@@ -28,6 +28,9 @@ COUNT = Rule("must be >= 1", lambda v: isinstance(v, int) and not isinstance(v, 
 UNIT_CLOSED = Rule("must be in [0, 1]", lambda v: 0 <= v <= 1)
 UNIT_HALF_OPEN = Rule("must be in [0, 1)", lambda v: 0 <= v < 1)
 UNIT_OPEN = Rule("must be in (0, 1)", lambda v: 0 < v < 1)
+# MLflow's model registry refuses empty names and names with '/' or ':'.
+MODEL_NAME = Rule("expected a model registry name (text without '/' or ':')",
+                  lambda v: isinstance(v, str) and v.strip() != "" and not set(v) & {"/", ":"}, quote=True)
 
 
 def one_of(options: Sequence[str]) -> Rule:

@@ -219,7 +219,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     print()
     for r in results:
         print(f"{r.method}: run {r.run_name}, MLflow run id {r.mlflow_run_id}, checkpoint {r.checkpoint_path}")
-    print(where(results[0].tracking_uri))
+    print(where(results[0].tracking_uri, results[0].mlflow_run_id))
     return 0
 
 

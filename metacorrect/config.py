@@ -194,13 +194,19 @@ class TrackingConfig:
     run_name: str | None = None  # fixed name: a second run with it resumes from its last checkpoint
     storage_path: str = "runs"  # checkpoints and Ray Train state (shared storage on a cluster)
     log_model: bool = True  # log the final student's state dict as an artifact (model/model.pt)
+    # A model registry name: the final student is logged as the run's MLflow model and registered as a new
+    # version of it (with the run's metrics). None: nothing is registered.
+    register_model: str | None = None
     # CPU, memory, disk, network and (where a GPU and nvidia-ml-py exist) GPU use of each worker node, as
     # MLflow system metrics, sampled every `system_metrics_interval_s` seconds.
     system_metrics: bool = True
     system_metrics_interval_s: float = 10.0  # seconds between two samples of the system metrics
 
     def validate(self) -> list[str]:
-        return field_problems("tracking", self, {"system_metrics_interval_s": POSITIVE})
+        from metacorrect.checks import MODEL_NAME
+
+        return field_problems("tracking", self, {"system_metrics_interval_s": POSITIVE,
+                                                 "register_model": MODEL_NAME.or_null("nothing registered")})
 
 
 # Method fields that keep their meaning across meta methods (carried over by `for_method`).

@@ -188,6 +188,7 @@ def test_invalid_value_reported_on_one_line(override: str, dotted: str, fragment
     ("mwnet", "method.meta_lr=0", "method.meta_lr"), ("mwnet", "method.hidden_dim=0", "method.hidden_dim"),
     ("l2rw", "method.meta_grad=slow", "method.meta_grad: expected one of fast, exact, got 'slow'"),
     ("erm", "resources.cpus_per_worker=0", "resources.cpus_per_worker: must be > 0 or null"),
+    ("erm", "tracking.register_model=a/b", "tracking.register_model: expected a model registry name"),
 ])
 def test_method_field_reported_on_one_line(name: str, override: str, fragment: str) -> None:
     """Every method's config names the field it rejects, on one line (the same wording as the other sections)."""

@@ -162,12 +162,22 @@ def test_sweep_of_4_trials_with_asha_tracks_nested_runs_and_best_config_runs(
         else:
             assert steps == list(range(1, epochs + 1))
         assert {"config.yaml", "model", "plots"} <= {a.path for a in client.list_artifacts(child.info.run_id)}
-        assert float(child.data.params["optim.lr"]) == pytest.approx(
-            float(table.loc[table["trial_id"] == child.data.tags["trial_id"], "optim.lr"].iloc[0]))
+        row = table.loc[table["trial_id"] == child.data.tags["trial_id"]].iloc[0]
+        assert float(child.data.params["optim.lr"]) == pytest.approx(float(row["optim.lr"]))
+        # named by its searched values and the trial's number
+        number = int(row["trial_id"].rsplit("_", 1)[1])
+        assert child.info.run_name == f"lr={float(row['optim.lr']):.3g} seed={int(row['train.seed'])} #{number}"
+        assert child.data.tags["seed"] == str(int(row["train.seed"])) and child.data.tags["method"] == "erm"
+        assert "epoch" not in child.data.metrics and child.data.tags["epoch"] in ("1", "2")
 
     parent = client.get_run(result.parent_run_id)
     assert parent.info.status == "FINISHED"
-    assert parent.data.metrics["best_val_accuracy"] == pytest.approx(table["best_val_accuracy"].max())
+    assert parent.data.metrics["best_val_accuracy"] == pytest.approx(table["best_val_accuracy"].max(), rel=1e-5)
+    # every field of the base config (the overrides included), less the searched ones
+    assert parent.data.params["model.width"] == "8" and parent.data.params["train.eval_noisy"] == "off"
+    assert "optim.lr" not in parent.data.params and "train.seed" not in parent.data.params
+    assert parent.data.tags["sweep.trials"] == "4" and "wall_s" in parent.data.tags
+    assert parent.data.tags["mlflow.note.content"].startswith("sweep of optim.lr, train.seed")
     artifacts = {a.path for a in client.list_artifacts(result.parent_run_id)}
     assert {"trials.csv", "space.yaml", "best_config.yaml", "config.yaml"} <= artifacts
     plots = {a.path for a in client.list_artifacts(result.parent_run_id, "plots")}

@@ -32,6 +32,7 @@ from metacorrect.platform import tracking
 
 PREFIX = "checkpoint_epoch"
 STEP_KEY = "step/samples_per_s"  # logged with every step row (its steps are the steps MLflow holds)
+EPOCH_KEY = "lr"  # a metric of every epoch row (its steps are the epochs MLflow holds; `epoch` itself is a tag)
 MID_EPOCH = "mid_epoch"  # in the report of a mid-epoch checkpoint (sweeps forward only epoch reports to Tune)
 BEST_DIR = "best"  # run_dir/best: the best epoch's model by validation accuracy, apart from the kept checkpoints
 
@@ -45,9 +46,9 @@ def checkpoint_name(epoch: int, step_in_epoch: int = 0) -> str:
 def log_missing_epochs(uri: str, run_id: str, history: list[dict[str, float]],
                        step_history: list[dict[str, float]] | None = None) -> int:
     """Log the epochs of a committed `history` and the step rows of its `step_history` that the MLflow run does
-    not hold yet (`epoch` is logged with every epoch, `step/samples_per_s` with every step row, each in one
+    not hold yet (`lr` is logged with every epoch, `step/samples_per_s` with every step row, each in one
     batch with the rest of its row); returns how many rows."""
-    logged = tracking.logged_steps(uri, run_id, "epoch")
+    logged = tracking.logged_steps(uri, run_id, EPOCH_KEY)
     rows = [(int(row["epoch"]), row) for row in history if int(row["epoch"]) not in logged]
     if step_history:
         logged_steps = tracking.logged_steps(uri, run_id, STEP_KEY)

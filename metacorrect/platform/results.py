@@ -40,7 +40,7 @@ class RunResult:
         return {"method": self.method, **self.metrics, "wall_s": self.wall_s}
 
     def __str__(self) -> str:
-        return format_table([self]) + "\n" + where(self.tracking_uri)
+        return format_table([self]) + "\n" + where(self.tracking_uri, self.mlflow_run_id)
 
 
 def format_table(results: list[RunResult]) -> str:
@@ -79,8 +79,16 @@ def agreement(a: RunResult, b: RunResult) -> dict[str, float]:
     return out
 
 
-def where(tracking_uri: str) -> str:
-    return f"MLflow runs: {tracking_uri}\n  open them with: {ui_command(tracking_uri)}"
+def where(tracking_uri: str, run_id: str | None = None) -> str:
+    text = f"MLflow runs: {tracking_uri}\n  open them with: {ui_command(tracking_uri)}"
+    if run_id:  # the experiment's runs table with the researcher's columns (docs/mlflow.md)
+        from metacorrect.platform.tracking import runs_table_url
+
+        try:
+            text += f"\n  runs table: {runs_table_url(tracking_uri, run_id)}"
+        except Exception:  # noqa: BLE001 - a store no longer reachable: the two lines above still hold
+            pass
+    return text
 
 
 def load_results(experiment: str = "metacorrect", tracking_uri: str | None = None):

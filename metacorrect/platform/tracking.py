@@ -15,6 +15,20 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_DIR = "mlruns"
+# The MLflow 3 UI opens an experiment on the view of its kind: a model-training experiment on its runs table
+# (an experiment without the tag may be inferred to be a GenAI one and open on its traces page).
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+# The MLflow UI has no per-experiment default columns; its "share view" links (`?viewStateShareKey=KEY`) load a
+# table state stored as the experiment tag `mlflow.sharedViewState.KEY`. Every experiment gets one such view:
+# the researcher's columns (README/docs: "MLflow").
+VIEW_KEY = "metacorrect"
+VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
+VIEW_COLUMNS = ([f"tags.`{t}`" for t in ("method", "noise_type", "noise_rate", "clean_size", "seed")]
+                + [f"metrics.`{m}`" for m in ("val_accuracy", "test_accuracy", "best_val_accuracy",
+                                             "test_at_best_val")] + ["attributes.`Models`"])
+EXPERIMENT_NOTE = ("Runs of metacorrect: image classifiers trained on noisily-labelled data. Filter by the tags "
+                   "method, source, noise_type, noise_rate, clean_size and seed; each run's description is its "
+                   "config in one line.")
 DATASET_ATTEMPTS = 5  # log_dataset: concurrent first logs of one data set race in MLflow's store
 
 
@@ -52,18 +66,40 @@ def client(uri: str):
 
 
 def experiment_id(uri: str, name: str) -> str:
+    """The experiment's id, created if new, as a model-training experiment (`EXPERIMENT_KIND`) with a
+    description and the researcher's view of its runs table (`VIEW_TAG`); an existing experiment without a
+    kind or that view gets them (a kind the user set is kept)."""
     c = client(uri)
     exp = c.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    root = _artifact_root(uri)
-    try:
-        return c.create_experiment(name, artifact_location=f"{root}/{name}" if root else None)
-    except Exception:  # created concurrently by another process
-        exp = c.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+    if exp is None:
+        root = _artifact_root(uri)
+        tags = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, "mlflow.note.content": EXPERIMENT_NOTE,
+                VIEW_TAG: json.dumps({"selectedColumns": VIEW_COLUMNS})}
+        try:
+            return c.create_experiment(name, artifact_location=f"{root}/{name}" if root else None, tags=tags)
+        except Exception:  # created concurrently by another process
+            exp = c.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if EXPERIMENT_KIND_TAG not in exp.tags:
+        c.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    if VIEW_TAG not in exp.tags:
+        c.set_experiment_tag(exp.experiment_id, VIEW_TAG, json.dumps({"selectedColumns": VIEW_COLUMNS}))
+    return exp.experiment_id
+
+
+def view_path(experiment_id: str) -> str:
+    """The UI's path (after the server's address) of the experiment's runs table with the researcher's columns,
+    in the UI's "Model training" workflow (MLflow 3.17's UI opens every experiment in the workflow chosen in the
+    browser, GenAI by default, whatever the experiment's kind)."""
+    return f"/#/experiments/{experiment_id}/runs?workflowType=machine_learning&viewStateShareKey={VIEW_KEY}"
+
+
+def runs_table_url(uri: str, run_id: str) -> str:
+    """Where the runs table of `run_id`'s experiment opens: on the tracking server, or on `mlflow ui`'s default
+    address for a local store."""
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return base + view_path(client(uri).get_run(run_id).info.experiment_id)
 
 
 def start_run(uri: str, experiment: str, run_name: str, run_dir: Path, tags: dict[str, str] | None = None) -> tuple[str, bool]:
@@ -74,7 +110,7 @@ def start_run(uri: str, experiment: str, run_name: str, run_dir: Path, tags: dic
     """
     marker = Path(run_dir) / "mlflow_run.json"
     c = client(uri)
-    if marker.is_file():
+    if marker.is_file():  # its name and tags were set when it was created
         info = json.loads(marker.read_text())
         if info.get("tracking_uri") == uri:
             try:
@@ -102,8 +138,10 @@ def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
 def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int) -> None:
     from mlflow.entities import Metric
 
+    from metacorrect.platform.run_layout import metric_value
+
     now = int(time.time() * 1000)
-    items = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
+    items = [Metric(k, metric_value(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
     client(uri).log_batch(run_id, metrics=items)
 
 
@@ -132,14 +170,30 @@ def log_dataset(uri: str, run_id: str, name: str, path: str, digest: str, contex
 
 
 def log_rows(uri: str, run_id: str, rows: list[tuple[int, dict[str, float]]]) -> None:
-    """(step, metrics) rows in as few requests as MLflow allows (1,000 metrics each)."""
-    from mlflow.entities import Metric
+    """(step, metrics) rows in as few requests as MLflow allows (1,000 metrics each). Bookkeeping values
+    (`run_layout.BOOKKEEPING`: epoch, best epoch, epoch time, ...) are set as tags, the rows' latest value
+    each, first; the rest are metrics, rounded to `run_layout.SIGNIFICANT_DIGITS`."""
+    from mlflow.entities import Metric, RunTag
+
+    from metacorrect.platform.run_layout import is_bookkeeping, metric_value, tag_value
 
     now = int(time.time() * 1000)
-    items = [Metric(k, float(v), now, step) for step, metrics in rows for k, v in metrics.items()
-             if isinstance(v, (int, float))]
+    items, tags = [], {}
+    for step, metrics in rows:
+        for k, v in metrics.items():
+            if not isinstance(v, (int, float)):
+                continue
+            if is_bookkeeping(k):
+                tags[k] = tag_value(v)
+            else:
+                items.append(Metric(k, metric_value(v), now, step))
+    c = client(uri)
+    if tags:  # before the metrics: MLflow stores a batch's metrics and tags in separate transactions, and a
+        # process stopped between them (a trial its scheduler stops) must not leave the epoch's metrics, by
+        # which `records.log_missing_epochs` knows the epoch is logged, without its tags
+        c.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
     for start in range(0, len(items), 1000):
-        client(uri).log_batch(run_id, metrics=items[start:start + 1000])
+        c.log_batch(run_id, metrics=items[start:start + 1000])
 
 
 def logged_steps(uri: str, run_id: str, key: str) -> set[int]:

@@ -5,7 +5,6 @@ import contextlib
 import json
 import math
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from metacorrect.datasets.prepare import prepare
 from metacorrect.datasets.stream import decoded_bytes, open_split
 from metacorrect.datasets.validate import check_dataset
 from metacorrect.platform import checkpoint as ckpt
-from metacorrect.platform import plots, tracking
+from metacorrect.platform import plots, run_layout, tracking
 from metacorrect.platform.cluster import ensure_ray
 from metacorrect.platform.data_config import ExactSplitDataConfig
 from metacorrect.platform.failure_policy import FAILURES_FILE, one_line, root_error
@@ -81,8 +80,7 @@ def run(config: ExperimentConfig | str | Path | dict[str, Any] | None = None,
 
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     storage = Path(cfg.tracking.storage_path).expanduser().resolve()
-    name = cfg.tracking.run_name or (f"{cfg.method.name}-{data_dir.name}-"
-                                     f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}")
+    name = cfg.tracking.run_name or run_layout.run_name(cfg, meta, taken=lambda n: (storage / n).exists())
     run_dir = storage / name
     run_id, resumed = open_tracked_run(uri, cfg, meta, data_dir, name, run_dir)
     with tracking.closed_on_failure(uri, run_id):
@@ -106,11 +104,12 @@ def ensure_trainable_dataset(data: DataConfig, progress: bool = True) -> tuple[P
 
 
 def open_tracked_run(uri: str, cfg: ExperimentConfig, meta: DatasetMeta, data_dir: Path, name: str, run_dir: Path,
-                     tags: dict[str, str] | None = None) -> tuple[str, bool]:
-    """The MLflow run of training run `name` (reused when resuming, else created with params and start
-    artifacts). Returns (run_id, resumed)."""
-    run_id, resumed = tracking.start_run(uri, cfg.tracking.experiment, name, run_dir,
-                                         tags={"method": cfg.method.name, "dataset": meta.name} | (tags or {}))
+                     tags: dict[str, str] | None = None, mlflow_name: str | None = None) -> tuple[str, bool]:
+    """The MLflow run of training run `name` (reused when resuming, else created with the tags of
+    `run_layout.run_tags`, params and start artifacts), named `mlflow_name` (default `name`) in MLflow.
+    Returns (run_id, resumed)."""
+    run_id, resumed = tracking.start_run(uri, cfg.tracking.experiment, mlflow_name or name, run_dir,
+                                         tags=run_layout.run_tags(cfg, meta) | (tags or {}))
     if not resumed:
         _log_start(uri, run_id, cfg, meta, data_dir)
     return run_id, resumed
@@ -281,10 +280,58 @@ def _log_end(uri: str, run_id: str, cfg: ExperimentConfig, result: RunResult, ck
         model_file = Path(ckpt_dir) / ckpt.MODEL_FILE
         if model_file.is_file():
             c.log_artifact(run_id, str(model_file), "model")
-    step = int(result.metrics.get("epoch", 0))
-    if step not in tracking.logged_steps(uri, run_id, "wall_s"):  # once per step, also when re-run finished
-        c.log_metric(run_id, "wall_s", result.wall_s, step=step)
+    if cfg.tracking.register_model and ckpt_dir and (Path(ckpt_dir) / ckpt.MODEL_FILE).is_file():
+        register_model(uri, run_id, cfg, result, Path(ckpt_dir) / ckpt.MODEL_FILE)
+    c.set_tag(run_id, "wall_s", run_layout.tag_value(round(result.wall_s, 1)))  # bookkeeping: a tag, not a chart
     tracking.end_run(uri, run_id, status)
+
+
+REGISTERED_TAG = "registered_model"  # on the run: NAME/VERSION of the model version it registered
+
+
+def register_model(uri: str, run_id: str, cfg: ExperimentConfig, result: RunResult, model_file: Path) -> str | None:
+    """`tracking.register_model: NAME`: the final student (the last checkpoint's model) logged as the run's
+    MLflow model (PyTorch flavour, linked to the run's metrics of its last epoch) and registered as a new
+    version of NAME. Once per run: a run that finishes again (re-run by name) keeps its version.
+    Returns "NAME/VERSION"."""
+    import mlflow.pytorch
+    import torch
+    from mlflow.models import ModelSignature
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+    from mlflow.types import Schema, TensorSpec
+
+    from metacorrect.methods.backbones import build_backbone
+
+    c = tracking.client(uri)
+    run = c.get_run(run_id)
+    if REGISTERED_TAG in run.data.tags:
+        return run.data.tags[REGISTERED_TAG]
+    meta = read_meta(result.data_dir)
+    model = build_backbone(cfg.model.arch, meta.num_classes, meta.image_shape, cfg.model.width, None)
+    model.load_state_dict(torch.load(model_file, map_location="cpu", weights_only=True))
+    model.eval()
+    height, width, channels = meta.image_shape
+    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, channels, height, width))]),
+                               outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, meta.num_classes))]))
+    name = cfg.tracking.register_model
+    with _use_tracking_uri(uri):
+        # Created here, in the run's experiment (MLflow's fluent call would pick the default experiment).
+        logged = c.create_logged_model(run.info.experiment_id, name="model", source_run_id=run_id,
+                                       params=run.data.params, model_type="image-classifier",
+                                       tags={"method": cfg.method.name, "dataset": meta.name})
+        info = mlflow.pytorch.log_model(
+            model, name="model", model_id=logged.model_id, run_id=run_id, step=int(result.metrics.get("epoch", 0)),
+            registered_model_name=name, signature=signature,
+            # MLflow's default format, a torch.export graph: loads without metacorrect's code. Traced on a batch
+            # of 2 so the batch dimension stays dynamic.
+            input_example=np.zeros((2, channels, height, width), dtype=np.float32),
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+            metadata={"input": "float32 (N, C, H, W): (pixels / 255 - pixel_mean) / pixel_std",
+                      "pixel_mean": meta.pixel_mean, "pixel_std": meta.pixel_std,
+                      "class_names": meta.class_names, "arch": cfg.model.arch, "width": cfg.model.width})
+    registered = f"{name}/{info.registered_model_version}"
+    c.set_tag(run_id, REGISTERED_TAG, registered)
+    return registered
 
 
 def _close(fig) -> None:

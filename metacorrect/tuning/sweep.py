@@ -103,7 +103,7 @@ class SweepResult:
         best = (f"best: trial {self.best_trial_id}, {self.metric} {self.trials.iloc[0]['best_' + self.metric]:.4f}"
                 if self.best_trial_id else "best: none")
         return (f"{self.table()}\n{best}\nsweep {self.name}: {len(self.trials)} trials, MLflow parent run "
-                f"{self.parent_run_id}\n{where(self.tracking_uri)}")
+                f"{self.parent_run_id}\n{where(self.tracking_uri, self.parent_run_id)}")
 
 
 def sweep(config: ExperimentConfig | str | Path | dict[str, Any] | None = None,
@@ -116,7 +116,7 @@ def sweep(config: ExperimentConfig | str | Path | dict[str, Any] | None = None,
     MLflow run under one parent run. `resources_per_trial` sets `resources.*` fields of every trial, e.g.
     {"num_workers": 2, "use_gpu": True, "gpus_per_worker": 0.5}. `resume=True` continues the sweep of the
     same name: finished trials are not re-run, unfinished ones resume from their last checkpoint."""
-    from metacorrect.platform import tracking
+    from metacorrect.platform import run_layout, tracking
     from metacorrect.platform.trainer import as_config, ensure_ray, ensure_trainable_dataset
 
     started = time.time()
@@ -143,8 +143,10 @@ def sweep(config: ExperimentConfig | str | Path | dict[str, Any] | None = None,
     concurrency, trial_cfg = plan_trials(base, options, _count_trials(searched_space, num_samples))
 
     parent_id, resumed = tracking.start_run(uri, base.tracking.experiment, name, sweep_dir,
-                                            tags={"sweep": name, "method": base.method.name, "dataset": meta.name,
-                                                  "sweep.role": "parent"})
+                                            tags=run_layout.run_tags(base, meta)
+                                            | {"sweep": name, "sweep.role": "parent",
+                                               run_layout.NOTE_TAG: _parent_description(base, meta, searched_space,
+                                                                                         options)})
     if not resumed:
         _log_parent_start(uri, parent_id, base, searched_space, options, data_dir)
     if progress:
@@ -169,6 +171,13 @@ def sweep(config: ExperimentConfig | str | Path | dict[str, Any] | None = None,
         raise
     _log_parent_end(result, searched_space, base)
     return result
+
+
+def _parent_description(cfg: ExperimentConfig, meta, space: dict[str, Any], options: SweepOptions) -> str:
+    from metacorrect.platform.run_layout import description
+
+    return (f"sweep of {', '.join(space)} ({options.num_samples} sample(s), {options.scheduler}, {options.search}, "
+            f"{options.metric} {options.resolved_mode}); base: {description(cfg, meta)}")
 
 
 def default_sweep_name(cfg: ExperimentConfig, space: dict[str, Any], options: SweepOptions) -> str:
@@ -363,9 +372,11 @@ def _log_parent_start(uri: str, run_id: str, cfg: ExperimentConfig, space: dict[
                       data_dir: Path) -> None:
     from metacorrect.platform import tracking
 
-    tracking.log_params(uri, run_id, {f"sweep.{k}": v for k, v in vars(options).items()}
-                        | {"sweep.space": space, "method.name": cfg.method.name, "data.resolved_path": str(data_dir),
-                           "train.epochs": cfg.train.epochs})
+    # The base config whole (every --set override included), less the searched fields: those are in
+    # sweep.space, and each child run holds its own values.
+    base = {k: v for k, v in cfg.flat().items() if k not in space}
+    tracking.log_params(uri, run_id, base | {f"sweep.{k}": v for k, v in vars(options).items()}
+                        | {"sweep.space": space, "data.resolved_path": str(data_dir)})
     c = tracking.client(uri)
     c.log_text(run_id, cfg.to_yaml(), "config.yaml")
     c.log_text(run_id, space_to_yaml(space), "space.yaml")
@@ -393,10 +404,10 @@ def _log_parent_end(result: SweepResult, space: dict[str, Any], base: Experiment
         _close(fig)
     if result.best_config is not None:
         c.log_text(run_id, result.best_config.to_yaml(), "best_config.yaml")
-        c.log_metric(run_id, f"best_{metric}", float(result.trials.iloc[0][f"best_{metric}"]))
+        tracking.log_metrics(uri, run_id, {f"best_{metric}": float(result.trials.iloc[0][f"best_{metric}"])}, step=0)
         c.set_tag(run_id, "sweep.best_trial", result.best_trial_id)
-    c.log_metric(run_id, "trials", len(result.trials))
-    c.log_metric(run_id, "wall_s", result.wall_s)
+    c.set_tag(run_id, "sweep.trials", str(len(result.trials)))  # bookkeeping: tags, not charts
+    c.set_tag(run_id, "wall_s", f"{result.wall_s:.1f}")
     tracking.end_run(uri, run_id, "FINISHED")
 
 

@@ -44,6 +44,7 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> None:
     from ray import tune
     from metacorrect.datasets.contract import read_meta
     from metacorrect.platform import quiet, trainer
+    from metacorrect.platform.run_layout import trial_name
 
     quiet.quiet_this_process()
     trial_id = tune.get_context().get_trial_id()
@@ -63,7 +64,8 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> None:
     data_dir = Path(context.data_dir)
     run_id, _ = trainer.open_tracked_run(
         context.tracking_uri, cfg, read_meta(data_dir), data_dir, name, run_dir,
-        tags={"mlflow.parentRunId": context.parent_run_id, "sweep": context.sweep_name, "trial_id": trial_id})
+        tags={"mlflow.parentRunId": context.parent_run_id, "sweep": context.sweep_name, "trial_id": trial_id},
+        mlflow_name=trial_name(params, trial_id))  # named by its searched values in MLflow
     run = trainer.build_trainer(cfg, data_dir, read_meta(data_dir), name=name, storage=storage,
                                 uri=context.tracking_uri, run_id=run_id, callbacks=[_epoch_reports()],
                                 progress=False)  # the sweep prints one line per trial instead

@@ -8,7 +8,7 @@ import torch
 
 from metacorrect.config import ExperimentConfig
 from metacorrect.methods import METHODS
-from metacorrect.methods.base import Method
+from metacorrect.methods.base import Method, MethodContext
 from metacorrect.methods.backbones import build_backbone
 from metacorrect.platform.collective import Collective
 
@@ -23,7 +23,7 @@ def make_method(fields: dict[str, Any], *, classes: int, side: int, width: int, 
     model = build_backbone(arch, classes, (side, side, 1), width)
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
-    return METHODS[fields["name"]](cfg, model, opt, classes, num_noisy, collective or Collective())
+    return METHODS[fields["name"]](MethodContext(cfg, model, opt, classes, num_noisy, collective or Collective()))
 
 
 def restore(source: Method, target: Method) -> Method:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from metacorrect.config import ExperimentConfig
-from metacorrect.methods import METHODS, Batch
+from metacorrect.methods import METHODS, Batch, MethodContext
 from metacorrect.methods.backbones import build_backbone
 from metacorrect.platform.collective import Collective
 from gloo import run_two_ranks
@@ -181,7 +181,7 @@ def _two_worker_method(name: str, collective):
     model = build_backbone("mlp", C, (SIDE, SIDE, 1), 2)  # no batch norm: halves == the whole batch
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    return METHODS[name](cfg, model, opt, C, 8, collective)
+    return METHODS[name](MethodContext(cfg, model, opt, C, 8, collective))
 
 
 def _two_worker_results(rank: int, collective) -> dict:

@@ -7,8 +7,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from metacorrect.config import MethodConfig
-from metacorrect.methods.base import Batch, Method
+from metacorrect.methods.base import Batch, Method, MethodConfig
 
 
 @dataclass

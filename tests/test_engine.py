@@ -1,4 +1,4 @@
-"""The shared meta-gradient engine: fast (JVP) vs exact (create_graph) vs an independent virtual-step
+"""The meta-gradient engine (methods/engine/): fast (JVP) vs exact (double backward) vs an independent virtual-step
 reference, k-step discounting and batch pairing, BN running stats, workers, checkpoint, look-ahead lr.
 
 Everything runs in float64 on tiny models, so agreement is checked to tight tolerances.
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from metacorrect.methods import metagrad as mg
+from metacorrect.methods import engine as mg
 from metacorrect.methods.backbones import build_backbone
 from metacorrect.platform.collective import Collective
 
@@ -152,7 +152,7 @@ def run_one_step(family, arch, mode, seed=0):
     x, y, ids = s.batch(6, seed=1)
     cx, cy, _ = s.batch(5, seed=2)
     ref, w_virtual = reference_one_step(s, x, y, ids, cx, cy, lr=s.opt.param_groups[0]["lr"])
-    engine = mg.MetaGradEngine(s.model, s.opt, family, k=1, mode=mode, meta_params=s.meta_params)
+    engine = mg.MetaGradEngine(s.model, s.opt, family, k=1, meta_grad=mode, meta_params=s.meta_params)
     s.real_step(engine, x, y, ids)
     for n, p in s.model.named_parameters():  # the real step is the look-ahead the reference differentiated
         torch.testing.assert_close(p.detach(), w_virtual[n], rtol=1e-12, atol=1e-12)
@@ -173,7 +173,7 @@ def test_fast_matches_exact_and_reference(family, arch):
     assert rel_err(fast, exact) < 1e-4
     assert rel_err(fast, ref) < 1e-4
     assert rel_err(exact, ref2) < 1e-4
-    assert stats["meta_step"] == 1.0 and stats["meta_snapshots"] == 1.0
+    assert stats.meta_step and stats.snapshots == 1
 
 
 def test_bn_running_stats_untouched_and_model_mode_restored():
@@ -184,7 +184,7 @@ def test_bn_running_stats_untouched_and_model_mode_restored():
     bn = {n: b.clone() for n, b in s.model.named_buffers()}
     assert any("running_mean" in n for n in bn)
     cx, cy, _ = s.batch(5, seed=2)
-    g = mg.clean_gradient(s.model, dict(s.model.named_parameters()), dict(s.model.named_buffers()), cx, cy)
+    g = mg.clean_gradient(s.model, dict(s.model.named_parameters()), dict(s.model.named_buffers()), cx, cy)[0]
     assert set(g) == {n for n, _ in s.model.named_parameters()}
     s.meta_grad(engine, cx, cy)
     assert all(torch.equal(b, bn[n]) for n, b in s.model.named_buffers())
@@ -200,7 +200,7 @@ def test_per_row_leaves_without_meta_params(mode):
     for shared in (True, False):
         s = Setup("reverse_kl", "small_cnn", seed=13)
         s.warmup()
-        e = mg.MetaGradEngine(s.model, s.opt, "reverse_kl", mode=mode,
+        e = mg.MetaGradEngine(s.model, s.opt, "reverse_kl", meta_grad=mode,
                               meta_params=s.meta_params if shared else None)
         x, y, ids = s.batch(6, seed=1)
         s.real_step(e, x, y, ids)
@@ -218,7 +218,7 @@ def kstep_terms(s: Setup, snaps, cx, cy, reverse: bool) -> torch.Tensor:
     each term at its own snapshot and batch; `reverse` pairs batch τ's Jacobian with batch k−1−τ's targets."""
     model = s.model
     params_now = dict(model.named_parameters())
-    g_new = mg.clean_gradient(model, params_now, dict(model.named_buffers()), cx, cy)
+    g_new = mg.clean_gradient(model, params_now, dict(model.named_buffers()), cx, cy)[0]
     k = len(snaps)
     total = torch.zeros_like(flat(s.meta_params))
     for tau, (w, buffers, x, y, ctx, lr) in enumerate(snaps):
@@ -244,7 +244,7 @@ def test_kstep_emlc_discount_and_pairing(arch):
     for mode in ("fast", "exact"):
         s = Setup("soft_ce", arch, seed=3)
         s.warmup()
-        engine = mg.MetaGradEngine(s.model, s.opt, "soft_ce", k=3, mode=mode, meta_params=s.meta_params)
+        engine = mg.MetaGradEngine(s.model, s.opt, "soft_ce", k=3, meta_grad=mode, meta_params=s.meta_params)
         snaps = []
         for t in range(3):
             x, y, ids = s.batch(6, seed=10 + t, shift=1.5 * t)  # distinguishable batches (targets depend on x)
@@ -257,7 +257,7 @@ def test_kstep_emlc_discount_and_pairing(arch):
         assert engine.ready
         cx, cy, _ = s.batch(5, seed=20)
         got, stats = s.meta_grad(engine, cx, cy)
-        assert stats["meta_snapshots"] == 3.0 and not engine.ready
+        assert stats.snapshots == 3 and not engine.ready
         right = kstep_terms(s, snaps, cx, cy, reverse=False)
         wrong = kstep_terms(s, snaps, cx, cy, reverse=True)
         assert rel_err(got, right) < 1e-4, mode
@@ -275,13 +275,13 @@ def test_unroll_reference_reproduces_real_steps_and_finite_differences():
     start = copy.deepcopy((s.model.state_dict(), s.opt.state_dict()))
     batches = [s.batch(6, seed=30 + t, shift=0.5 * t) for t in range(3)]
     cx, cy, _ = s.batch(5, seed=40)
-    engine = mg.MetaGradEngine(s.model, s.opt, "soft_ce", k=3, mode="exact", discount="unroll",
+    engine = mg.MetaGradEngine(s.model, s.opt, "soft_ce", k=3, meta_grad="exact", discount="unroll",
                                meta_params=s.meta_params)
     for x, y, ids in batches:
         s.real_step(engine, x, y, ids)
     bn_after_steps = {n: b.clone() for n, b in s.model.named_buffers()}
     got, stats = s.meta_grad(engine, cx, cy)
-    assert stats["unroll_drift"] < 1e-12
+    assert stats.unroll_drift < 1e-12
     assert all(torch.equal(b, bn_after_steps[n]) for n, b in s.model.named_buffers())
 
     direction = torch.randn_like(got)
@@ -313,7 +313,7 @@ def test_unroll_reference_reproduces_real_steps_and_finite_differences():
     for mode, discount in (("fast", "emlc"), ("exact", "unroll")):
         t = Setup("weighted", "small_cnn", seed=6)
         t.warmup()
-        e = mg.MetaGradEngine(t.model, t.opt, "weighted", k=1, mode=mode, discount=discount,
+        e = mg.MetaGradEngine(t.model, t.opt, "weighted", k=1, meta_grad=mode, discount=discount,
                               meta_params=t.meta_params)
         x, y, ids = t.batch(6, seed=1)
         t.real_step(e, x, y, ids)
@@ -327,7 +327,7 @@ def test_mlc_projection_discount(mode):
     and the meta step is due every k calls."""
     s = Setup("soft_ce", "mlp", seed=7)
     s.warmup()
-    engine = mg.MetaGradEngine(s.model, s.opt, "soft_ce", k=2, mode=mode, discount="mlc",
+    engine = mg.MetaGradEngine(s.model, s.opt, "soft_ce", k=2, meta_grad=mode, discount="mlc",
                                meta_params=s.meta_params)
     plain = Setup("soft_ce", "mlp", seed=7)  # the same run, one-step meta-gradients c_t
     plain.warmup()
@@ -341,15 +341,15 @@ def test_mlc_projection_discount(mode):
         s.real_step(engine, x, y, ids)
         g, stats = s.meta_grad(engine, cx, cy)
         out.append(g)
-        due.append(stats["meta_step"])
+        due.append(stats.meta_step)
         plain.real_step(e1, x, y, ids)
         c, _ = plain.meta_grad(e1, cx, cy)
         cs.append(c)
         buffers = dict(s.model.named_buffers())
-        g_old = flat(mg.clean_gradient(s.model, w_old, buffers, cx, cy).values())
-        g_new = flat(mg.clean_gradient(s.model, dict(s.model.named_parameters()), buffers, cx, cy).values())
+        g_old = flat(mg.clean_gradient(s.model, w_old, buffers, cx, cy)[0].values())
+        g_new = flat(mg.clean_gradient(s.model, dict(s.model.named_parameters()), buffers, cx, cy)[0].values())
         gamma = float((1 - lr) * (g_new @ g_old) / (g_old @ g_old))
-        assert abs(stats["meta_gamma"] - gamma) < 1e-10
+        assert abs(stats.gamma - gamma) < 1e-10
     assert due == [0.0, 1.0]
     assert rel_err(out[0], cs[0]) < 1e-4
     assert rel_err(out[1], cs[1] + gamma * cs[0]) < 1e-4
@@ -403,7 +403,7 @@ def test_nesterov_dampening_fast_matches_exact():
         for mode, discount in (("fast", "emlc"), ("exact", "emlc"), ("exact", "unroll")):
             s = Setup("reverse_kl", "mlp", seed=9, **kw)
             s.warmup()
-            e = mg.MetaGradEngine(s.model, s.opt, "reverse_kl", k=1, mode=mode, discount=discount,
+            e = mg.MetaGradEngine(s.model, s.opt, "reverse_kl", k=1, meta_grad=mode, discount=discount,
                                   meta_params=s.meta_params)
             x, y, ids = s.batch(6, seed=70)
             s.real_step(e, x, y, ids)
@@ -412,13 +412,13 @@ def test_nesterov_dampening_fast_matches_exact():
         assert rel_err(out["fast", "emlc"], out["exact", "emlc"]) < 1e-4, kw
         assert rel_err(out["fast", "emlc"], out["exact", "unroll"]) < 1e-4, kw
         s = Setup("reverse_kl", "mlp", seed=9, **kw)  # no warm-up: the first step has no momentum buffer
-        e = mg.MetaGradEngine(s.model, s.opt, "reverse_kl", k=2, mode="exact", discount="unroll",
+        e = mg.MetaGradEngine(s.model, s.opt, "reverse_kl", k=2, meta_grad="exact", discount="unroll",
                               meta_params=s.meta_params)
         for t in range(2):
             x, y, ids = s.batch(6, seed=70 + t)
             s.real_step(e, x, y, ids)
         _, stats = s.meta_grad(e, cx, cy)
-        assert stats["unroll_drift"] < 1e-12, kw  # the unroll reproduces torch's nesterov/dampening steps
+        assert stats.unroll_drift < 1e-12, kw  # the unroll reproduces torch's nesterov/dampening steps
 
 
 # ---- checkpoint -----------------------------------------------------------------------------------------
@@ -449,7 +449,7 @@ def test_state_dict_restores_snapshot_buffer():
     assert len(resumed.snapshots) == 2 and not resumed.ready
     r.real_step(resumed, *batches[2])
     got, stats = r.meta_grad(resumed, cx, cy)
-    assert stats["meta_snapshots"] == 3.0
+    assert stats.snapshots == 3
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-15)
 
     t, lost = fresh()  # without the buffer the same step has one snapshot only: a different meta-gradient
@@ -505,7 +505,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             s = Setup("soft_ce", "mlp", seed=12)
             s.warmup()
             g, stats = two_worker_run(rank, world, 2, stand_in, collective, s)
-            results[stand_in] = (g, stats["meta_loss"], [p.detach().clone() for p in s.model.parameters()])
+            results[stand_in] = (g, stats.meta_loss, [p.detach().clone() for p in s.model.parameters()])
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -532,5 +532,5 @@ def test_two_workers_equal_one_worker(tmp_path):
             g, loss, weights = ranks[r][stand_in]
             for w, p in zip(weights, s.model.parameters()):  # the real steps agree, so the snapshots do
                 torch.testing.assert_close(w, p.detach(), rtol=1e-10, atol=1e-12)
-            assert abs(loss - stats["meta_loss"]) < 1e-10
+            assert abs(loss - stats.meta_loss) < 1e-10
             assert rel_err(g, single) < 1e-8, (r, stand_in)

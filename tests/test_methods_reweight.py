@@ -12,7 +12,7 @@ from torch.func import functional_call
 
 from metacorrect.config import ExperimentConfig
 from metacorrect.methods import Batch
-from metacorrect.methods import metagrad as mg
+from metacorrect.methods import engine as mg
 from metacorrect.methods.ieg import logit_norm, pseudo_labels, sharpen
 from metacorrect.platform.collective import Collective
 from gloo import run_two_ranks

@@ -119,7 +119,7 @@ class MLC(Method):
         m, model, collective = self.mcfg, self.model, self.collective
         p = next(model.parameters())
         feature_dim = int(getattr(model, "feature_dim", model.classifier.in_features))
-        self.lcn = LCN(feature_dim, num_classes, m.embed_dim, m.hidden_dim, m.skip, m.alpha).to(p.device, p.dtype)
+        self.lcn = LCN(feature_dim, self.num_classes, m.embed_dim, m.hidden_dim, m.skip, m.alpha).to(p.device, p.dtype)
         collective.sync_module_(self.lcn)  # identical LCN on every worker
         self.meta_optimizer = torch.optim.Adam(self.lcn.parameters(), lr=m.meta_lr, amsgrad=True, eps=1e-8,
                                                weight_decay=m.meta_weight_decay)

@@ -91,8 +91,9 @@ class SampleTable:
         if tuple(rows.shape) != expected:
             raise ValueError(f"sample table: rows have shape {tuple(rows.shape)}, expected {expected}")
         # One gather of (id, label, row) packed in float64 (exact for ids < 2^53 and for float32 values).
+        width = self.num_classes if self.kind == "labels" else 1
         packed = torch.cat([ids.to(torch.float64).unsqueeze(1), noisy_label.to(device, torch.float64).unsqueeze(1),
-                            rows.detach().to(device, torch.float64).reshape(len(ids), -1)], dim=1)
+                            rows.detach().to(device, torch.float64).reshape(len(ids), width)], dim=1)
         packed = self.collective.all_gather(packed)
         all_ids = packed[:, 0].to(torch.int64)
         self.values.index_copy_(0, all_ids, packed[:, 2:].to(self.values.dtype).reshape(

@@ -49,7 +49,7 @@ class MSLGConfig(MethodConfig):
     warmup_epochs: int = 1  # epochs of plain CE on the noisy labels first (official: 44 of 120 CIFAR-10, 1 Clothing1M)
     meta_grad: str = "fast"  # fast (JVP) | exact (create_graph reference, one worker)
 
-    # Default sweep: the label-logit scale K and the label step (the two the paper's code fixes per data set).
+    # Default sweep: the label-logit scale (the paper's K) and the label step (the two the paper's code fixes per data set).
     search_space: ClassVar[dict[str, Any]] = {"method.logit_scale": {"loguniform": [1.0, 1000.0]},
                                               "method.label_lr": {"loguniform": [100.0, 20000.0]},
                                               "method.warmup_epochs": {"choice": [0, 1, 2, 5]}}

@@ -213,9 +213,10 @@ def test_per_row_leaves_without_meta_params(mode):
 
 
 # ---- k-step: discount and pairing -----------------------------------------------------------------------
-def kstep_terms(s: Setup, snaps, cx, cy, reverse: bool) -> torch.Tensor:
+def kstep_terms(s: Setup, snaps, cx, cy, reverse: bool, coefficients: list[float] | None = None) -> torch.Tensor:
     """EMLC Prop. 2 term by term with create_graph: Σ_τ (1−η)^(t−τ) d/dφ[−η ⟨g', ∇_w L_τ(w(τ), φ)⟩],
-    each term at its own snapshot and batch; `reverse` pairs batch τ's Jacobian with batch k−1−τ's targets."""
+    each term at its own snapshot and batch; `reverse` pairs batch τ's Jacobian with batch k−1−τ's targets.
+    `coefficients` replaces η·(1−η)^(t−τ) per τ (another discount)."""
     model = s.model
     params_now = dict(model.named_parameters())
     g_new = mg.clean_gradient(model, params_now, dict(model.named_buffers()), cx, cy)[0]
@@ -232,7 +233,8 @@ def kstep_terms(s: Setup, snaps, cx, cy, reverse: bool) -> torch.Tensor:
         a = s.targets(snaps[k - 1 - tau][4] if reverse else ctx)
         lower = (a * f).sum() / len(x)
         grads = torch.autograd.grad(lower, jac_leaves, create_graph=True)
-        proxy = -lr * disc * sum((g_new[n] * g).sum() for n, g in zip(leaves, grads))
+        coef = lr * disc if coefficients is None else coefficients[tau]
+        proxy = -coef * sum((g_new[n] * g).sum() for n, g in zip(leaves, grads))
         out = torch.autograd.grad(proxy, s.meta_params, allow_unused=True)
         total += flat([torch.zeros_like(p) if g is None else g for p, g in zip(s.meta_params, out)])
     return total
@@ -265,6 +267,44 @@ def test_kstep_emlc_discount_and_pairing(arch):
         assert rel_err(got, wrong) > 1e-2
         results[mode] = got
     assert rel_err(results["fast"], results["exact"]) < 1e-4
+
+
+def kstep_window(discount: str, mode: str, momentum: float, arch: str = "mlp", k: int = 3, lr: float = 0.02):
+    """One k-step window from the same start under `discount`: (meta-gradient, the snapshots kstep_terms takes)."""
+    s = Setup("soft_ce", arch, seed=8, lr=lr, momentum=momentum)
+    s.warmup()
+    engine = mg.MetaGradEngine(s.model, s.opt, "soft_ce", k=k, meta_grad=mode, discount=discount,
+                               meta_params=s.meta_params)
+    snaps = []
+    for t in range(k):
+        x, y, ids = s.batch(6, seed=50 + t, shift=0.5 * t)
+        state = ({n: p.detach().clone() for n, p in s.model.named_parameters()},
+                 {n: b.clone() for n, b in s.model.named_buffers()}, x, y)
+        ctx = s.real_step(engine, x, y, ids)
+        snaps.append(state + (ctx, lr))
+    cx, cy, _ = s.batch(5, seed=60)
+    got, _ = s.meta_grad(engine, cx, cy)
+    return got, s, snaps, cx, cy
+
+
+@pytest.mark.parametrize("momentum", [0.9, 0.0])
+def test_momentum_discount_is_its_formula_and_near_the_unroll(momentum):
+    """discount='momentum': snapshot τ's tangent is lr·Σ_{j=0}^{k−1−τ} μ^j · g' (dampening 0, buffers warm),
+    fast == exact; against the exact unroll (small lr, so H ≈ 0 holds) it is within 5%, and with momentum the
+    paper's Π(1 − η) discount is not (it ignores the buffer that carries each step's gradient forward)."""
+    k, lr = 3, 0.02
+    fast, s, snaps, cx, cy = kstep_window("momentum", "fast", momentum)
+    exact, *_ = kstep_window("momentum", "exact", momentum)
+    assert rel_err(fast, exact) < 1e-4
+    coefficients = [lr * sum(momentum ** j for j in range(k - tau)) for tau in range(k)]
+    assert rel_err(fast, kstep_terms(s, snaps, cx, cy, reverse=False, coefficients=coefficients)) < 1e-4
+    unrolled, *_ = kstep_window("unroll", "exact", momentum)
+    paper, *_ = kstep_window("emlc", "fast", momentum)
+    assert rel_err(fast, unrolled) < 0.05
+    if momentum:
+        assert rel_err(paper, unrolled) > 0.3
+    else:  # no momentum: both discounts are first-order close to the unroll
+        assert rel_err(paper, unrolled) < 0.05
 
 
 def test_unroll_reference_reproduces_real_steps_and_finite_differences():

@@ -18,6 +18,7 @@ from torch.func import functional_call
 from metacorrect.methods import engine as mg
 from metacorrect.methods.backbones import build_backbone
 from metacorrect.platform.collective import Collective
+from students import flat
 
 C = 3  # classes
 N_TABLE = 40  # rows of the per-sample label table (reverse_kl)
@@ -30,10 +31,6 @@ def _float64(float64_one_thread):
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / max(float(b.norm()), 1e-300))
-
-
-def flat(tensors) -> torch.Tensor:
-    return torch.cat([t.reshape(-1) for t in tensors])
 
 
 # ---- a tiny "method" per lower-loss family -------------------------------------------------------------

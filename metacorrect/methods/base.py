@@ -103,13 +103,24 @@ class MetaClock:
 
 
 class Method:
-    """Base class; subclasses set `name`, `config_class`, `capabilities` and implement `step`."""
+    """Base class; subclasses declare `name`, `config` and `capabilities` as class arguments and implement `step`."""
 
     name: ClassVar[str]
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
     capabilities: ClassVar[Capabilities] = Capabilities()
     strong_views: int = 0  # strongly augmented views per noisy image the platform makes (Batch.views)
     strong_augment: str = "randaugment"  # one of datasets.stream.STRONG_AUGMENTS
+
+    def __init_subclass__(cls, *, name: str | None = None, config: type[MethodConfig] | None = None,
+                          capabilities: Capabilities | None = None, **kwargs: Any) -> None:
+        """`class MLC(Method, name="mlc", config=MLCConfig, capabilities=Capabilities(corrects_labels=True))`."""
+        super().__init_subclass__(**kwargs)
+        if name is not None:
+            cls.name = name
+        if config is not None:
+            cls.config_class = config
+        if capabilities is not None:
+            cls.capabilities = capabilities
 
     def __init__(self, ctx: MethodContext):
         self.cfg = ctx.cfg

@@ -119,11 +119,7 @@ def input_shape_of(model: nn.Module) -> tuple[int, int, int]:
     raise TypeError("emlc: cannot infer the input shape of the student (no Conv2d/Linear layer)")
 
 
-class EMLC(Method):
-    name = "emlc"
-    config_class = EMLCConfig
-    capabilities = Capabilities(corrects_labels=True)
-
+class EMLC(Method, name="emlc", config=EMLCConfig, capabilities=Capabilities(corrects_labels=True)):
     def __init__(self, ctx: MethodContext):
         super().__init__(ctx)
         m, model, collective, cfg, num_classes = self.mcfg, self.model, self.collective, self.cfg, self.num_classes

@@ -111,11 +111,8 @@ class Coefficients:
     rows: Rows
 
 
-class IEG(Method):
-    name = "ieg"
-    config_class = IEGConfig
-    capabilities = Capabilities(weighs_samples=True, eval_models=True, strong_views=True)
-
+class IEG(Method, name="ieg", config=IEGConfig,
+          capabilities=Capabilities(weighs_samples=True, eval_models=True, strong_views=True)):
     def __init__(self, ctx: MethodContext):
         super().__init__(ctx)
         m = self.mcfg

@@ -43,11 +43,7 @@ class L2RWConfig(MethodConfig):
         return field_problems("method", self, {"meta_grad": one_of(META_GRADS)})
 
 
-class L2RW(Method):
-    name = "l2rw"
-    config_class = L2RWConfig
-    capabilities = Capabilities(weighs_samples=True)
-
+class L2RW(Method, name="l2rw", config=L2RWConfig, capabilities=Capabilities(weighs_samples=True)):
     def __init__(self, ctx: MethodContext):
         super().__init__(ctx)
         self.table = SampleTable("weights", self.num_noisy, self.collective, self.device)

@@ -109,11 +109,7 @@ def _features(model: nn.Module, x: Tensor) -> Tensor:
 
 
 # ---- the method ---------------------------------------------------------------------------------------
-class MLC(Method):
-    name = "mlc"
-    config_class = MLCConfig
-    capabilities = Capabilities(corrects_labels=True)
-
+class MLC(Method, name="mlc", config=MLCConfig, capabilities=Capabilities(corrects_labels=True)):
     def __init__(self, ctx: MethodContext):
         super().__init__(ctx)
         m, model, collective = self.mcfg, self.model, self.collective

@@ -42,14 +42,14 @@ from metacorrect.methods.table import SampleTable, onehot_logits
 @dataclass
 class MSLGConfig(MethodConfig):
     name: str = "mslg"
-    logit_scale: float = 10.0  # y^d init = logit_scale·onehot(ỹ) (the paper's K); official 10 (ŷ = 0.99959 on ỹ, C = 10)
+    logit_scale: float = 10.0  # y^d init = logit_scale·onehot(ỹ), the paper's K; official 10 (ŷ = 0.99959, C = 10)
     label_lr: float = 400.0  # SGD step on the label logits; = official β 4000 · 0.5 / C(10) with lookahead_lr 0.5
     lookahead_lr: float | None = None  # null: the optimizer's real step; official: a fixed plain step of 0.5
     gamma: float = 1.0  # weight of the entropy term L_e (official 1)
     warmup_epochs: int = 1  # epochs of plain CE on the noisy labels first (official: 44 of 120 CIFAR-10, 1 Clothing1M)
     meta_grad: str = "fast"  # fast (JVP) | exact (create_graph reference, one worker)
 
-    # Default sweep: the label-logit scale (the paper's K) and the label step (the two the paper's code fixes per data set).
+    # Default sweep: the label-logit scale (the paper's K) and the label step (the official code fixes both per data set).
     search_space: ClassVar[dict[str, Any]] = {"method.logit_scale": {"loguniform": [1.0, 1000.0]},
                                               "method.label_lr": {"loguniform": [100.0, 20000.0]},
                                               "method.warmup_epochs": {"choice": [0, 1, 2, 5]}}
@@ -61,11 +61,7 @@ class MSLGConfig(MethodConfig):
             "gamma": NON_NEGATIVE, "warmup_epochs": NON_NEGATIVE, "meta_grad": one_of(META_GRADS)})
 
 
-class MSLG(Method):
-    name = "mslg"
-    config_class = MSLGConfig
-    capabilities = Capabilities(corrects_labels=True)
-
+class MSLG(Method, name="mslg", config=MSLGConfig, capabilities=Capabilities(corrects_labels=True)):
     def __init__(self, ctx: MethodContext):
         super().__init__(ctx)
         self.table = SampleTable("labels", self.num_noisy, self.collective, self.device, num_classes=self.num_classes,

@@ -64,11 +64,7 @@ class VNet(nn.Module):
         return torch.sigmoid(self.net(loss.unsqueeze(1))).squeeze(1)
 
 
-class MWNet(Method):
-    name = "mwnet"
-    config_class = MWNetConfig
-    capabilities = Capabilities(weighs_samples=True)
-
+class MWNet(Method, name="mwnet", config=MWNetConfig, capabilities=Capabilities(weighs_samples=True)):
     def __init__(self, ctx: MethodContext):
         super().__init__(ctx)
         m = self.mcfg

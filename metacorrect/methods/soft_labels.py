@@ -77,11 +77,7 @@ def entropy_weights(targets: Tensor) -> Tensor:
     return w * (len(w) / w.sum().clamp_min(1e-12))
 
 
-class SoftLabels(Method):
-    name = "soft_labels"
-    config_class = SoftLabelsConfig
-    capabilities = Capabilities(corrects_labels=True)
-
+class SoftLabels(Method, name="soft_labels", config=SoftLabelsConfig, capabilities=Capabilities(corrects_labels=True)):
     def __init__(self, ctx: MethodContext):
         super().__init__(ctx)
         p = next(self.model.parameters())

@@ -120,7 +120,8 @@ class SampleTable:
         argmax and entropy (nats); for weights, the weight. Rows never written carry argmax -1 and nulls."""
         n = len(self)
         seen = self.seen.cpu().numpy()
-        columns = {"id": pa.array(np.arange(n, dtype=np.int64)), "noisy_label": pa.array(self.noisy_label.cpu().numpy())}
+        columns = {"id": pa.array(np.arange(n, dtype=np.int64)),
+                   "noisy_label": pa.array(self.noisy_label.cpu().numpy())}
         if self.kind == "weights":
             columns["weight"] = pa.array(self.values.cpu().numpy(), from_pandas=True)
         else:

@@ -25,7 +25,6 @@ if TYPE_CHECKING:
 
 # Method fields that keep their meaning across meta methods (carried over by `ExperimentConfig.for_method`).
 ENGINE_FIELDS = ("k", "meta_grad")
-DISCOUNT_CHOICES = ("paper", "momentum")  # k > 1: the paper's discount of older steps, or the momentum-aware one
 
 
 @dataclass
@@ -204,10 +203,10 @@ def grads_of(model: nn.Module) -> list[Tensor]:
 
 
 # ---- pieces the label-correcting meta-model methods (MLC, EMLC) share ---------------------------------
-def meta_problems(cfg: Any) -> list[str]:
+def meta_problems(cfg: Any, discounts: tuple[str, ...]) -> list[str]:
     """One line per problem of the fields a meta-model method has (k, meta_grad, discount, meta_lr, ...)."""
     return field_problems("method", cfg, {"k": COUNT, "meta_grad": one_of(META_GRADS),
-                                          "discount": one_of(DISCOUNT_CHOICES), "meta_lr": POSITIVE,
+                                          "discount": one_of(discounts), "meta_lr": POSITIVE,
                                           "meta_weight_decay": NON_NEGATIVE, "embed_dim": AT_LEAST_ONE,
                                           "hidden_dim": AT_LEAST_ONE})
 
@@ -250,8 +249,7 @@ def float_buffers(module: nn.Module) -> list[Tensor]:
     return [b for b in module.buffers() if b.is_floating_point()]
 
 
-def engine_discount(k: int, discount: str, paper: str) -> str:
-    """The engine's discount for a config's `discount` ("paper" | "momentum"): k = 1 needs none."""
-    if k == 1:
-        return "emlc"
-    return paper if discount == "paper" else "momentum"
+def engine_discount(k: int, discount: str) -> str:
+    """The engine's discount of older steps for a config's `discount`; k = 1 has no older steps ("emlc" is then
+    the plain one-step meta-gradient, and skips MLC's unused γ)."""
+    return "emlc" if k == 1 else discount

@@ -47,7 +47,7 @@ class MSLGConfig(MethodConfig):
     lookahead_lr: float | None = None  # null: the optimizer's real step; official: a fixed plain step of 0.5
     gamma: float = 1.0  # weight of the entropy term L_e (official 1)
     warmup_epochs: int = 1  # epochs of plain CE on the noisy labels first (official: 44 of 120 CIFAR-10, 1 Clothing1M)
-    meta_grad: str = "fast"  # fast (JVP) | exact (create_graph reference, one worker)
+    meta_grad: str = "fast"  # fast (JVP) | exact (double-backward reference)
 
     # Default sweep: the label-logit scale (the paper's K) and the label step (the official code fixes both per data set).
     search_space: ClassVar[dict[str, Any]] = {"method.logit_scale": {"loguniform": [1.0, 1000.0]},

@@ -50,7 +50,7 @@ class SoftLabelsConfig(MethodConfig):
     alpha_init: float = 0.0  # class mode: initial smoothing α_c (paper: 0, i.e. the given one-hot labels)
     p0: float = 0.9  # instance mode: initial mass on the given label (paper grid 0.3 / 0.5 / 0.7 / 0.9)
     entropy_weighting: bool = False  # weight samples by 1 − H(label)/log C (the paper's noisy-setting curriculum)
-    meta_grad: str = "fast"  # fast (JVP) | exact (create_graph reference, one worker)
+    meta_grad: str = "fast"  # fast (JVP) | exact (double-backward reference)
 
     # Default sweep: the paper's grids (instance mode: p0 and the label lr; our lr scale, see README).
     search_space: ClassVar[dict[str, Any]] = {"method.p0": {"choice": [0.3, 0.5, 0.7, 0.9]},

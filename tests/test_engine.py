@@ -392,6 +392,50 @@ def test_mlc_projection_discount(mode):
     assert rel_err(out[1], cs[1] + gamma * cs[0]) < 1e-4
 
 
+# ---- look-ahead first -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["optimizer", "plain", "plain_momentum", "identity"])
+@pytest.mark.parametrize("meta_grad", ["fast", "exact"])
+def test_lookahead_first_matches_differentiating_through_the_step(kind, meta_grad):
+    """dL_meta(w′)/da from `lookahead_meta_grad` against L_meta differentiated through SGD's update rule written
+    out here (warm momentum buffers, weight decay), with create_graph; identity: −d/da ⟨g_c, ∇_w L(w, a)⟩."""
+    s = Setup("soft_ce", "small_cnn", seed=11)
+    s.warmup()
+    x, y, _ = s.batch(6, seed=70)
+    cx, cy, _ = s.batch(5, seed=71)
+    group = s.opt.param_groups[0]
+    lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+    step = {"optimizer": mg.Step.optimizer(), "plain": mg.Step.plain(0.3),
+            "plain_momentum": mg.Step.plain(0.1, momentum=0.5, weight_decay=0.02), "identity": mg.Step.identity()}[kind]
+    a = F.softmax(torch.randn(6, C, generator=torch.Generator().manual_seed(72)), -1)
+    params = dict(s.model.named_parameters())
+    buffers = {n: b.clone() for n, b in s.model.named_buffers()}
+
+    def logits_at(w, inputs):
+        with mg.frozen_running_stats(s.model):
+            return functional_call(s.model, ({**buffers, **w},), (inputs,))
+
+    leaf = a.clone().requires_grad_(True)
+    w = {n: p.detach().clone().requires_grad_(True) for n, p in params.items()}
+    grads = dict(zip(w, torch.autograd.grad(mg.lower_loss("soft_ce", logits_at(w, x), leaf), list(w.values()),
+                                            create_graph=True)))
+    bufs = {n: s.opt.state[params[n]]["momentum_buffer"] for n in w}
+    if kind == "identity":
+        g_c = torch.autograd.grad(F.cross_entropy(logits_at(w, cx), cy), list(w.values()))
+        proxy = sum((g * grads[n]).sum() for n, g in zip(w, g_c))
+        (expected,) = torch.autograd.grad(-proxy, [leaf])
+    else:
+        step_lr, step_mu, step_wd = {"optimizer": (lr, mu, wd), "plain": (0.3, 0.0, 0.0),
+                                     "plain_momentum": (0.1, 0.5, 0.02)}[kind]
+        ahead = {n: w[n] - step_lr * (grads[n] + step_wd * w[n] + step_mu * bufs[n]) for n in w}
+        (expected,) = torch.autograd.grad(F.cross_entropy(logits_at(ahead, cx), cy), [leaf])
+
+    logits = s.model(x)
+    result = mg.lookahead_meta_grad(s.model, s.opt, "soft_ce", x, lambda t: mg.lower_loss("soft_ce", logits, t), a,
+                                    cx, cy, step=step, meta_grad=meta_grad)
+    assert rel_err(result.grad_a, expected) < 1e-8
+    assert expected.abs().max() > 0
+
+
 # ---- look-ahead learning rate ---------------------------------------------------------------------------
 def test_lookahead_uses_current_scheduler_lr():
     s = Setup("soft_ce", "mlp", seed=8, lr=0.5)

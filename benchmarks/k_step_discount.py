@@ -5,12 +5,12 @@ unrolled gradient (`discount="unroll"`: differentiation through the explicit k-s
 without momentum. Printed: relative error ‖g − g_unroll‖/‖g_unroll‖, cosine, norm ratio.
 
 Part 2, accuracy: EMLC and MLC on digits (60% symmetric noise, the methods' digits configs) at k = 5 under each
-discount their config offers (EMLC: emlc, momentum; MLC: mlc, emlc, momentum), train.seed 0..S-1, one worker in
+discount their config offers (EMLC: shrink, momentum; MLC: projection, shrink, momentum), train.seed 0..S-1, one worker in
 the driver. Printed: test accuracy at the best validation epoch (selection on validation only), mean ± std and
 per seed.
 
     python benchmarks/k_step_discount.py --seeds 3 --epochs 15
-    python benchmarks/k_step_discount.py --only mlc:emlc        # some rows of part 2
+    python benchmarks/k_step_discount.py --only mlc:shrink        # some rows of part 2
     python benchmarks/k_step_discount.py --skip-digits          # part 1 only (seconds)
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ def unrolled_comparison(k: int, momentum: float, weight_decay: float, lr: float,
     torch.set_default_dtype(torch.float64)
     try:
         grads = {}
-        for discount in ("unroll", "emlc", "momentum"):
+        for discount in ("unroll", "shrink", "momentum"):
             torch.manual_seed(seed)
             model = build_backbone("mlp", 3, (4, 4, 1), width=8)
             model.train()
@@ -81,14 +81,14 @@ def part_one() -> None:
     print("|---|---|---|---|---|---|---|")
     for k, mu, wd in ((3, 0.9, 5e-4), (3, 0.0, 5e-4), (5, 0.9, 5e-4), (5, 0.0, 0.0)):
         rows = [unrolled_comparison(k, mu, wd, 0.05, seed) for seed in range(3)]
-        for discount in ("emlc", "momentum"):
+        for discount in ("shrink", "momentum"):
             vals = [r[discount] for r in rows]
             mean = [statistics.mean(v[i] for v in vals) for i in range(3)]
             print(f"| {k} | {mu} | {wd} | {discount} | {mean[0]:.3f} | {mean[1]:.3f} | {mean[2]:.3f} |")
     print(flush=True)
 
 
-RUNS = [("emlc", "emlc"), ("emlc", "momentum"), ("mlc", "mlc"), ("mlc", "emlc"), ("mlc", "momentum")]
+RUNS = [("emlc", "shrink"), ("emlc", "momentum"), ("mlc", "projection"), ("mlc", "shrink"), ("mlc", "momentum")]
 
 
 def part_two(seeds: int, epochs: int, k: int, runs: list[tuple[str, str]]) -> None:

@@ -179,7 +179,7 @@ def test_invalid_value_reported_on_one_line(override: str, dotted: str, fragment
     ("mlc", "method.alpha=-0.1", "method.alpha"), ("mlc", "method.meta_grad=slow", "got 'slow'"),
     ("emlc", "method.corruption=sideways", "method.corruption: expected one of"),
     ("mslg", "method.logit_scale=-1", "method.logit_scale: must be > 0, got -1"),
-    ("mslg", "method.K=10", "method.K: renamed to method.logit_scale"), ("emlc", "method.discount=mlc", "method.discount: expected one of emlc, momentum"), ("mslg", "method.label_lr=0", "method.label_lr"),
+    ("mslg", "method.K=10", "method.K: renamed to method.logit_scale"), ("emlc", "method.discount=projection", "method.discount: expected one of shrink, momentum"), ("mslg", "method.label_lr=0", "method.label_lr"),
     ("mslg", "method.lookahead_lr=-0.5", "method.lookahead_lr: must be > 0 or null (the real step), got -0.5"),
     ("soft_labels", "method.mode=both", "method.mode: expected one of class, instance, got 'both'"),
     ("soft_labels", "method.p0=1.0", "method.p0: must be in (0, 1), got 1.0"),

@@ -238,7 +238,7 @@ def kstep_terms(s: Setup, snaps, cx, cy, reverse: bool, coefficients: list[float
 
 
 @pytest.mark.parametrize("arch", ["mlp", "small_cnn"])
-def test_kstep_emlc_discount_and_pairing(arch):
+def test_kstep_shrink_discount_and_pairing(arch):
     results = {}
     for mode in ("fast", "exact"):
         s = Setup("soft_ce", arch, seed=3)
@@ -296,7 +296,7 @@ def test_momentum_discount_is_its_formula_and_near_the_unroll(momentum):
     coefficients = [lr * sum(momentum ** j for j in range(k - tau)) for tau in range(k)]
     assert rel_err(fast, kstep_terms(s, snaps, cx, cy, reverse=False, coefficients=coefficients)) < 1e-4
     unrolled, *_ = kstep_window("unroll", "exact", momentum)
-    paper, *_ = kstep_window("emlc", "fast", momentum)
+    paper, *_ = kstep_window("shrink", "fast", momentum)
     assert rel_err(fast, unrolled) < 0.05
     if momentum:
         assert rel_err(paper, unrolled) > 0.3
@@ -347,7 +347,7 @@ def test_unroll_reference_reproduces_real_steps_and_finite_differences():
 
     # k = 1: the unroll is the one-step exact meta-gradient, i.e. the fast path
     one = {}
-    for mode, discount in (("fast", "emlc"), ("exact", "unroll")):
+    for mode, discount in (("fast", "shrink"), ("exact", "unroll")):
         t = Setup("weighted", "small_cnn", seed=6)
         t.warmup()
         e = mg.MetaGradEngine(t.model, t.opt, "weighted", k=1, meta_grad=mode, discount=discount,
@@ -360,11 +360,11 @@ def test_unroll_reference_reproduces_real_steps_and_finite_differences():
 
 @pytest.mark.parametrize("mode", ["fast", "exact"])
 def test_mlc_projection_discount(mode):
-    """discount='mlc': the 2nd call adds c_2 + γ·c_1 with γ = ⟨(1−η)g'_2, g_2⟩/‖g_2‖²,
+    """discount='projection' (MLC Eq. 4–6): the 2nd call adds c_2 + γ·c_1 with γ = ⟨(1−η)g'_2, g_2⟩/‖g_2‖²,
     and the meta step is due every k calls."""
     s = Setup("soft_ce", "mlp", seed=7)
     s.warmup()
-    engine = mg.MetaGradEngine(s.model, s.opt, "soft_ce", k=2, meta_grad=mode, discount="mlc",
+    engine = mg.MetaGradEngine(s.model, s.opt, "soft_ce", k=2, meta_grad=mode, discount="projection",
                                meta_params=s.meta_params)
     plain = Setup("soft_ce", "mlp", seed=7)  # the same run, one-step meta-gradients c_t
     plain.warmup()
@@ -473,7 +473,7 @@ def test_lookahead_steps_momentum_variants():
     with pytest.raises(ValueError, match="maximize"):
         mg.lookahead_steps(torch.optim.SGD(m.parameters(), lr=0.1, maximize=True), m)
     with pytest.raises(ValueError, match="meta_params"):
-        mg.MetaGradEngine(m, groups, "soft_ce", discount="mlc")
+        mg.MetaGradEngine(m, groups, "soft_ce", discount="projection")
     with pytest.raises(ValueError, match="family"):
         mg.MetaGradEngine(m, groups, "cross_entropy")
 
@@ -481,7 +481,7 @@ def test_lookahead_steps_momentum_variants():
 def test_nesterov_dampening_fast_matches_exact():
     for kw in ({"nesterov": True}, {"dampening": 0.3}):
         out = {}
-        for mode, discount in (("fast", "emlc"), ("exact", "emlc"), ("exact", "unroll")):
+        for mode, discount in (("fast", "shrink"), ("exact", "shrink"), ("exact", "unroll")):
             s = Setup("reverse_kl", "mlp", seed=9, **kw)
             s.warmup()
             e = mg.MetaGradEngine(s.model, s.opt, "reverse_kl", k=1, meta_grad=mode, discount=discount,
@@ -490,8 +490,8 @@ def test_nesterov_dampening_fast_matches_exact():
             s.real_step(e, x, y, ids)
             cx, cy, _ = s.batch(5, seed=80)
             out[mode, discount], _ = s.meta_grad(e, cx, cy)
-        assert rel_err(out["fast", "emlc"], out["exact", "emlc"]) < 1e-4, kw
-        assert rel_err(out["fast", "emlc"], out["exact", "unroll"]) < 1e-4, kw
+        assert rel_err(out["fast", "shrink"], out["exact", "shrink"]) < 1e-4, kw
+        assert rel_err(out["fast", "shrink"], out["exact", "unroll"]) < 1e-4, kw
         s = Setup("reverse_kl", "mlp", seed=9, **kw)  # no warm-up: the first step has no momentum buffer
         e = mg.MetaGradEngine(s.model, s.opt, "reverse_kl", k=2, meta_grad="exact", discount="unroll",
                               meta_params=s.meta_params)

@@ -75,8 +75,8 @@ def test_mlc_skip_connection(float64_one_thread):
     torch.testing.assert_close(learned.soft_labels(noisy).sum(1), torch.ones(len(noisy)))
 
 
-@pytest.mark.parametrize("name, discount", [("mlc", "mlc"), ("mlc", "emlc"), ("mlc", "momentum"),
-                                            ("emlc", "emlc"), ("emlc", "momentum")])
+@pytest.mark.parametrize("name, discount", [("mlc", "projection"), ("mlc", "shrink"), ("mlc", "momentum"),
+                                            ("emlc", "shrink"), ("emlc", "momentum")])
 def test_fast_and_exact_give_the_same_k2_meta_update(name, discount, float64_one_thread):
     """k = 1 is in the contract suite; k = 2 under every discount here."""
     k = 2

@@ -250,6 +250,6 @@ def float_buffers(module: nn.Module) -> list[Tensor]:
 
 
 def engine_discount(k: int, discount: str) -> str:
-    """The engine's discount of older steps for a config's `discount`; k = 1 has no older steps ("emlc" is then
-    the plain one-step meta-gradient, and skips MLC's unused γ)."""
-    return "emlc" if k == 1 else discount
+    """The engine's discount of older steps for a config's `discount`; k = 1 has no older steps ("shrink" is then
+    the plain one-step meta-gradient, and skips the projection's unused γ)."""
+    return "shrink" if k == 1 else discount

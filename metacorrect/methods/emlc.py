@@ -13,7 +13,7 @@ The student trains on q (soft-target CE). Every k steps the teacher takes one st
 
 where META's gradient is the fast k-step meta-gradient (FPMG: one JVP through the student at each
 recorded old weight, one VJP through the teacher; Prop. 1 for k = 1, Prop. 2 for k > 1) from the engine
-(`discount: emlc`; or `discount: momentum`, docs/k_step_discount.md), real step first,
+(`discount: shrink`; or `discount: momentum`, docs/k_step_discount.md), real step first,
 look-ahead lr = the optimizer's current lr. Unlike the official multi-step code, which pairs chunk j's JVP
 with chunk k−1−j's targets, each recorded step's JVP is paired with that step's own targets
 (docs/methods/emlc.md).
@@ -50,7 +50,7 @@ from metacorrect.methods.base import (Batch, Capabilities, Method, MethodConfig,
 from metacorrect.methods.engine import MetaGradEngine, frozen_running_stats, lower_loss
 
 CORRUPTIONS = ("adversarial", "random", "none")
-DISCOUNTS = ("emlc", "momentum")
+DISCOUNTS = ("shrink", "momentum")
 TEACHER_OPTIMIZERS = ("sgd", "adam")
 
 
@@ -59,7 +59,7 @@ class EMLCConfig(MethodConfig):
     name: str = "emlc"
     k: int = 1  # look-ahead steps; paper Table 1 reports k=1 and k=5 (k=5 best on CIFAR, k=1 on Clothing1M)
     meta_grad: str = "fast"  # fast (FPMG: JVP + VJP) | exact (double-backward reference)
-    discount: str = "emlc"  # k > 1: emlc (the paper's Prop. 2, Π(1 − s)) | momentum (docs/k_step_discount.md)
+    discount: str = "shrink"  # k > 1: shrink (the paper's Prop. 2, Π(1 − s)) | momentum (docs/k_step_discount.md)
     meta_lr: float = 0.02  # teacher + gate lr: paper Table 5 / official CIFAR 0.02 (Clothing1M 0.1)
     teacher_optimizer: str = "sgd"  # sgd (paper and official) | adam
     teacher_momentum: float = 0.9  # paper Table 5 (SGD, momentum 0.9); official code: SGD(lr=meta_lr), momentum 0

@@ -12,9 +12,9 @@ Per iteration (real step first: `engine.MetaGradEngine`; docs/methods/mlc.md)::
     engine.meta_backward(other clean half)               # meta-gradient into the LCN's .grad
     every k-th call: Adam(amsgrad) step of the LCN
 
-k = 1 uses the engine's one-step formula; k > 1 uses MLC's own accumulation by default (`discount: mlc`, Eq. 4–6,
-`step_hmlc_K`; at k = 1 the two are the same quantity), or EMLC's discount (`emlc`), or the momentum-aware one
-(`momentum`, docs/k_step_discount.md).
+k = 1 uses the engine's one-step formula; k > 1 uses MLC's own accumulation by default (`discount: projection`,
+Eq. 4–6, `step_hmlc_K`; at k = 1 the two are the same quantity), or EMLC's discount (`shrink`), or the
+momentum-aware one (`momentum`, docs/k_step_discount.md).
 The look-ahead lr is the optimizer's current lr (not MLC's `get_lr()`, which is 10× off at milestones).
 
 Paper vs official code (both selectable):
@@ -43,7 +43,7 @@ from metacorrect.methods.engine import MetaGradEngine, frozen_running_stats, low
 
 
 # ---- config and LCN -----------------------------------------------------------------------------------
-DISCOUNTS = ("mlc", "emlc", "momentum")
+DISCOUNTS = ("projection", "shrink", "momentum")
 
 
 @dataclass
@@ -51,7 +51,7 @@ class MLCConfig(MethodConfig):
     name: str = "mlc"
     k: int = 1  # look-ahead steps (meta step every k iterations); paper Table 2: 5, official default: 1
     meta_grad: str = "fast"  # fast (JVP + VJP) | exact (double-backward reference)
-    discount: str = "mlc"  # k > 1: mlc (the paper's accumulation, Eq. 4–6) | emlc (EMLC's Π(1 − s)) | momentum
+    discount: str = "projection"  # k > 1: projection (the paper's Eq. 4–6) | shrink (EMLC's Π(1 − s)) | momentum
     meta_lr: float = 3e-4  # LCN optimizer: Adam(amsgrad=True, eps=1e-8); official Clothing1M: 3e-3
     meta_weight_decay: float = 0.0
     embed_dim: int = 128  # label embedding (C, 128) as in the paper (official argparse default 64)

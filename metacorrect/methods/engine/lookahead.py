@@ -45,7 +45,7 @@ def lookahead_meta_grad(model: nn.Module, optimizer: torch.optim.Optimizer, fami
     logits, a, labels)` plus any terms without a; its ∇_w makes the look-ahead (not called for the identity
     step). a: this step's targets or weights, the shape of f (passed to `lower` detached). weight /
     clean_weight: rows that count on this worker (default: all). meta_weight_decay: wd/2 ‖w'‖² joins the
-    clean loss's gradient (IEG's look-ahead objective).
+    clean loss's gradient (a look-ahead objective with weight decay).
     """
     params, buffers = model_state(model)
     names = list(params)

@@ -20,10 +20,10 @@ dL_meta/da_i = −r_i · J_w f_i(w(τ)) · (s ⊙ g'): one JVP at the snapshot, 
 k > 1 (`discount`): one g' at the newest weights and, for each of the last k recorded steps τ, a JVP at its
 own snapshot w(τ) on its own batch, paired with THAT batch's targets, along D_τ ⊙ g':
 
-- "emlc" (the paper's k-step gradient, H ≈ I): D_τ = s_τ · Π_{σ>τ} (1 − s_σ).
+- "shrink" (H ≈ I, plain SGD; EMLC's Prop. 2): D_τ = s_τ · Π_{σ>τ} (1 − s_σ).
 - "momentum" (H ≈ 0, momentum buffers followed): D_τ = s_τ + Σ_{σ>τ} lr_σ · c_τ · μ^{σ−τ} (· μ with
   nesterov), c_τ the share of step τ's gradient its buffer took in. Without momentum D_τ = s_τ.
-- "mlc" (MLC's accumulation): call after every real step; each call adds c_t + γ_t·d_{t−1} with
+- "projection" (MLC's Eq. 4–6): call after every real step; each call adds c_t + γ_t·d_{t−1} with
   γ_t = ⟨(1 − s) ⊙ g'_t, g_t⟩ / ‖g_t‖², g_t the clean gradient at the old weights; the meta-optimizer steps
   every k calls. Needs `meta_params`; zero their .grad before every call.
 - "unroll" (exact only, one worker): differentiates through an explicit k-step SGD unroll (momentum and
@@ -53,7 +53,7 @@ from metacorrect.methods.engine.functional import (Family, MetaGrad, MetaLoss, c
 from metacorrect.methods.engine.rows import distributed, global_rows
 from metacorrect.methods.engine.sgd import SGDRule, lookahead_steps, momentum_buffers, sgd_rules, sgd_step
 
-DISCOUNTS = ("emlc", "momentum", "mlc", "unroll")
+DISCOUNTS = ("shrink", "momentum", "projection", "unroll")
 TargetsFn = Callable[[Any], Tensor]
 
 
@@ -87,7 +87,7 @@ class MetaGradResult:
     snapshots: int  # recorded steps used
     grads: list[Tensor] | None  # the meta-gradient of each meta-parameter (None without meta_params)
     target_grads: list[Tensor] = field(default_factory=list)  # dL_meta/da_τ per snapshot used (not unroll)
-    gamma: float | None = None  # MLC's γ_t (discount "mlc")
+    gamma: float | None = None  # γ_t (discount "projection")
     unroll_drift: float | None = None  # max |unrolled − real weights| (discount "unroll")
 
 
@@ -95,14 +95,14 @@ class MetaGradEngine:
     """k-step meta-gradients of a bilinear lower loss, the real step being the look-ahead.
 
     model, optimizer: the student and its torch.optim.SGD. family: the lower-loss family. k: look-ahead steps
-    (emlc/momentum/unroll: snapshots per meta step; mlc: calls per meta step). meta_grad: "fast" (JVP + VJP)
+    (shrink/momentum/unroll: snapshots per meta step; projection: calls per meta step). meta_grad: "fast" (JVP + VJP)
     or "exact" (double backward). discount: see the module docstring. collective: the platform's (None: one
-    worker). meta_params: shared meta-parameters (needed for "mlc" and for summing over workers). meta_loss:
+    worker). meta_params: shared meta-parameters (needed for "projection" and for summing over workers). meta_loss:
     loss_fn(logits, y) of the clean (upper) loss.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, family: Family, k: int = 1,
-                 meta_grad: MetaGrad = "fast", discount: str = "emlc", collective: Any = None,
+                 meta_grad: MetaGrad = "fast", discount: str = "shrink", collective: Any = None,
                  meta_params: Sequence[Tensor] | None = None, meta_loss: MetaLoss = F.cross_entropy):
         check_family(family)
         check_meta_grad(meta_grad)
@@ -110,8 +110,9 @@ class MetaGradEngine:
             raise ValueError(f"engine: discount must be one of {', '.join(DISCOUNTS)}, got '{discount}'")
         if int(k) < 1:
             raise ValueError(f"engine: k must be >= 1, got {k}")
-        if discount == "mlc" and not meta_params:
-            raise ValueError("engine: discount='mlc' accumulates meta-gradients across steps and needs meta_params")
+        if discount == "projection" and not meta_params:
+            raise ValueError("engine: discount='projection' accumulates meta-gradients across steps and needs "
+                             "meta_params")
         if discount == "unroll" and meta_grad != "exact":
             raise ValueError("engine: discount='unroll' is the exact reference; use meta_grad='exact'")
         if discount == "unroll" and distributed(collective):
@@ -122,15 +123,15 @@ class MetaGradEngine:
         self.collective = collective
         self.meta_params = list(meta_params) if meta_params else None
         self.meta_loss = meta_loss
-        self.snapshots: deque[Snapshot] = deque(maxlen=1 if discount == "mlc" else self.k)
-        self._prev: list[Tensor] | None = None  # mlc: the previous accumulated meta-gradient d_{t-1}
-        self._count = 0  # mlc: calls since the last meta step
+        self.snapshots: deque[Snapshot] = deque(maxlen=1 if discount == "projection" else self.k)
+        self._prev: list[Tensor] | None = None  # projection: the previous accumulated meta-gradient d_{t-1}
+        self._count = 0  # projection: calls since the last meta step
 
     # ---- recording ----------------------------------------------------------------------------------
     @property
     def ready(self) -> bool:
-        """True when `meta_backward` should be called now (k steps recorded; mlc: one)."""
-        return len(self.snapshots) >= (1 if self.discount == "mlc" else self.k)
+        """True when `meta_backward` should be called now (k steps recorded; projection: one)."""
+        return len(self.snapshots) >= (1 if self.discount == "projection" else self.k)
 
     def record(self, x: Tensor, context: Any = None, *, labels: Tensor | None = None, weight: float | None = None,
                scale: float = 1.0) -> None:
@@ -154,7 +155,7 @@ class MetaGradEngine:
         ))
 
     def reset(self) -> None:
-        """Forget recorded steps and the mlc accumulation."""
+        """Forget recorded steps and the projection accumulation."""
         self.snapshots.clear()
         self._prev, self._count = None, 0
 
@@ -169,7 +170,7 @@ class MetaGradEngine:
             d = {}
             for n in names:
                 s = snap.steps.get(n, 0.0)
-                if self.discount == "emlc":
+                if self.discount == "shrink":
                     for other in later:
                         s *= 1.0 - other.steps.get(n, 0.0)
                 elif self.discount == "momentum":
@@ -300,11 +301,11 @@ class MetaGradEngine:
             g_new, loss_t = clean_gradient(self.model, params_now, buffers_now, clean_x, clean_y, self.meta_loss)
             loss = float(self._mean_over_workers(g_new, loss_t, cw))
             pairs = self._pairs(targets_fn, g_new)
-            if self.discount == "mlc":
+            if self.discount == "projection":
                 gamma = self._gamma(g_new, clean_x, clean_y, cw)
         grads = self._sum_over_workers(self._backward(pairs))
         due = True
-        if self.discount == "mlc":
+        if self.discount == "projection":
             assert grads is not None
             if self._prev is not None:
                 grads = [g + gamma * p for g, p in zip(grads, self._prev)]
@@ -322,7 +323,7 @@ class MetaGradEngine:
                               gamma=gamma, unroll_drift=drift)
 
     def _gamma(self, g_new: dict[str, Tensor], clean_x: Tensor, clean_y: Tensor, cw: float) -> float:
-        """MLC's γ_t = ⟨(1 − s) ⊙ g'_t, g_t⟩ / ‖g_t‖², g_t the clean gradient at the old weights."""
+        """γ_t = ⟨(1 − s) ⊙ g'_t, g_t⟩ / ‖g_t‖², g_t the clean gradient at the old weights."""
         snap = self.snapshots[-1]
         g_old, old_loss = clean_gradient(self.model, snap.params, snap.buffers, clean_x, clean_y, self.meta_loss)
         self._mean_over_workers(g_old, old_loss, cw)
@@ -332,7 +333,7 @@ class MetaGradEngine:
 
     # ---- checkpoint ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """The recorded snapshots and the mlc accumulation: everything a resumed run needs."""
+        """The recorded snapshots and the projection accumulation: everything a resumed run needs."""
         return {
             "k": self.k, "meta_grad": self.meta_grad, "discount": self.discount, "family": self.family,
             "snapshots": [vars(s).copy() for s in self.snapshots],

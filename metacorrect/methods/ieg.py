@@ -10,7 +10,7 @@ README "IEG, MW-Net and L2RW"). The poster's Algorithm 1, per step on a noisy ba
    at w'. The lower loss is the engine's "soft_ce" family with a_i = ω_i·(λ_i·onehot(ỹ_i) + (1 − λ_i)·g(x_i)),
    so one look-ahead-first meta-gradient dL/da_i (`engine.lookahead_meta_grad`, one JVP of −log_softmax at w
    along 0.1·g') gives both by the chain rule:
-       ∂L/∂ω_i = ⟨dL/da_i, a_i/ω_i⟩ ,   ∂L/∂λ_i = ω_i ⟨dL/da_i, onehot(ỹ_i) − g(x_i)⟩.
+       ∂L/∂ω_i ∝ ⟨dL/da_i, a_i/ω_i⟩ ,   ∂L/∂λ_i = ω_i ⟨dL/da_i, onehot(ỹ_i) − g(x_i)⟩.
    ω* = max(0, −∂L/∂ω) normalised to sum 1 (L2R); λ*_i = 1 if ∂L/∂λ_i < 0 else 0 (binary selection).
    `meta_grad: exact` gets the same two vectors by double backward (the reference path).
 3. Split: rows with ω*·B ≤ `split_threshold` (default 0: the rows the meta step rejected) are likely mislabelled.
@@ -47,7 +47,7 @@ from metacorrect.checks import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, UNIT_CLOSED
 from metacorrect.datasets.stream import STRONG_AUGMENTS
 from metacorrect.methods.base import Batch, Capabilities, Method, MethodConfig, MethodContext
 from metacorrect.methods.engine import (META_GRADS, Rows, Step, first_group, frozen_running_stats,
-                                        lookahead_meta_grad, lower_loss, normalised_weights)
+                                        lookahead_meta_grad, normalised_weights)
 from metacorrect.methods.table import SampleTable
 
 
@@ -136,19 +136,19 @@ class IEG(Method, name="ieg", config=IEGConfig,
                 logits = self.model(noisy.x)
         onehot = F.one_hot(noisy.label, self.num_classes).to(logits.dtype)
         guess = guess.detach().to(logits.dtype)
-        u = torch.ones(len(onehot), dtype=logits.dtype, device=logits.device, requires_grad=True)
-        lam = torch.full_like(u, m.mix_init).requires_grad_(True)
-        a = u.unsqueeze(1) * (lam.unsqueeze(1) * onehot + (1.0 - lam.unsqueeze(1)) * guess)
+        target = m.mix_init * onehot + (1.0 - m.mix_init) * guess  # a_i at ω_i·B = 1, λ_i = mix_init
         wd = first_group(self.optimizer).weight_decay
 
-        def lower(targets: Tensor) -> Tensor:
-            return lower_loss("soft_ce", logits, targets)
+        def lower(targets: Tensor) -> Tensor:  # "soft_ce": mean over rows of ⟨a_i, −log p_i⟩
+            return soft_cross_entropy(logits, targets).mean() if len(logits) else logits.sum()
 
-        result = lookahead_meta_grad(self.model, self.optimizer, "soft_ce", noisy.x, lower, a, clean.x, clean.label,
-                                     step=Step.plain(m.meta_stepsize, m.meta_momentum, wd), weight=noisy.weight,
-                                     clean_weight=clean.weight, collective=self.collective,
+        result = lookahead_meta_grad(self.model, self.optimizer, "soft_ce", noisy.x, lower, target, clean.x,
+                                     clean.label, step=Step.plain(m.meta_stepsize, m.meta_momentum, wd),
+                                     weight=noisy.weight, clean_weight=clean.weight, collective=self.collective,
                                      meta_grad=m.meta_grad, meta_weight_decay=wd)
-        grad_weight, grad_mix = torch.autograd.grad(a, [u, lam], result.grad_a)
+        # a_i = ω_i·B·(λ_i·onehot + (1 − λ_i)·g_i): the chain rule at ω_i·B = 1 gives both coefficients' gradients.
+        grad_weight = (target * result.grad_a).sum(1)
+        grad_mix = ((onehot - guess) * result.grad_a).sum(1)
         weight = normalised_weights(-grad_weight, result.rows, self.collective)
         mix = (grad_mix < 0).to(logits.dtype)
         return Coefficients(weight, mix, grad_weight.detach(), grad_mix.detach(), result.meta_loss, result.rows)

@@ -26,7 +26,7 @@ import time
 import torch
 
 from metacorrect.config import ExperimentConfig
-from metacorrect.methods import METHODS, Batch
+from metacorrect.methods import METHODS, Batch, MethodContext
 from metacorrect.methods.backbones import build_backbone
 from metacorrect.platform.collective import Collective
 from metacorrect.platform.precision import step_precision
@@ -103,7 +103,7 @@ def measure(args, name: str, k: int, mode: str, device: torch.device, data,
     model = build_backbone(args.arch, args.classes, (args.image, args.image, args.channels), args.width).to(device)
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    method = METHODS[name](cfg, model, opt, args.classes, 10_000, Collective(device=device))
+    method = METHODS[name](MethodContext(cfg, model, opt, args.classes, 10_000, Collective(device=device)))
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     step = 0
@@ -145,23 +145,23 @@ def _table_worker(rank: int, init_file: str, rows: int, classes: int, batch: int
 
     import torch.distributed as dist
 
-    from metacorrect.methods.label_table import LabelTable, onehot_logits
+    from metacorrect.methods.table import SampleTable, onehot_logits
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=120))
     try:
-        table = LabelTable(rows, classes, onehot_logits(10.0), Collective(2, rank))
+        table = SampleTable("labels", rows, Collective(2, rank), num_classes=classes, init_row=onehot_logits(10.0))
         g = torch.Generator().manual_seed(0)
         times = []
         for _ in range(25):
             ids = torch.randperm(rows, generator=g)[:batch]  # the same draw on both ranks: disjoint halves
             mine = ids[rank * batch // 2:(rank + 1) * batch // 2]
             labels = torch.randint(0, classes, (len(mine),), generator=g)
-            new_rows = table.rows(mine, labels) + 0.5
+            new_rows = table.read(mine, labels) + 0.5
             dist.barrier()
             t0 = time.perf_counter()
-            table.update(mine, new_rows, labels)
+            table.write(mine, new_rows, labels)
             times.append(time.perf_counter() - t0)
         if rank == 0:
             torch.save(statistics.median(times[5:]), out_file)
@@ -170,7 +170,7 @@ def _table_worker(rank: int, init_file: str, rows: int, classes: int, batch: int
 
 
 def label_table_update_seconds(rows: int, classes: int, batch: int) -> float:
-    """Median time of one `LabelTable.update` (all-gather + in-place write) with 2 gloo workers."""
+    """Median time of one `SampleTable.write` (all-gather + in-place write) with 2 gloo workers."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
 SPACE_HELP = """search space YAML: dotted config field -> one of
   optim.lr: {loguniform: [0.005, 0.2]}      method.k: {choice: [1, 2, 5, 10]}   (a bare list = choice)
   optim.momentum: {uniform: [0.8, 0.99]}     train.seed: {grid: [0, 1, 2]}       (every value)
-  model.width: {randint: [16, 64]}           method.K: {lograndint: [1, 1000]}   (ints, bounds included)
+  model.width: {randint: [16, 64]}           method.logit_scale: {lograndint: [1, 1000]} (ints, bounds included)
 examples:
   metacorrect sweep configs/digits_mlc.yaml --show-space
   metacorrect sweep configs/digits_mlc.yaml --space space.yaml --num-samples 16 --save-best best.yaml

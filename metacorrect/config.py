@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Union
 import yaml
 
 from metacorrect.checks import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, UNIT_HALF_OPEN, UNIT_OPEN, field_problems, one_of
+from metacorrect.methods.base import ENGINE_FIELDS, MethodConfig
 
 
 class ConfigError(ValueError):
@@ -209,25 +210,6 @@ class TrackingConfig:
                                                  "register_model": MODEL_NAME.or_null("nothing registered")})
 
 
-# Method fields that keep their meaning across meta methods (carried over by `for_method`).
-ENGINE_FIELDS = ("k", "meta_grad")
-
-
-@dataclass
-class MethodConfig:
-    """Base of every method's config; each method subclasses it with its own fields.
-
-    `search_space` is the method's default Ray Tune space for `metacorrect sweep` (dotted field -> spec,
-    syntax in `metacorrect/tuning/space.py`); a method overrides it next to its own fields.
-    """
-
-    name: str = "erm"
-    search_space: ClassVar[dict[str, Any]] = {"optim.lr": {"loguniform": [0.005, 0.2]}}
-
-    def validate(self) -> list[str]:
-        return []
-
-
 @dataclass
 class ExperimentConfig:
     """A whole experiment: one section per dataclass, read from YAML and `--set a.b=c` overrides."""
@@ -392,8 +374,9 @@ def _build(cls: type, raw: Any, path: str, problems: list[str], skip: set[str] =
     kwargs = {}
     for key, value in raw.items():
         dotted = f"{path}.{key}" if path else str(key)
-        if dotted in RENAMED:
-            problems.append(f"{dotted}: renamed to {RENAMED[dotted]}")
+        renamed = RENAMED.get(dotted) or (f"{path}.{cls.renamed[key]}" if key in getattr(cls, "renamed", {}) else None)
+        if renamed:
+            problems.append(f"{dotted}: renamed to {renamed}")
             continue
         if key not in names or key in skip:
             problems.append(f"{dotted}: unknown key (expected one of {', '.join(sorted(names - skip))})")

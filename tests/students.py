@@ -1,4 +1,5 @@
-"""Tiny students with a method attached, built the same way by every method test, and their checkpoint round trip."""
+"""Tiny students with a method attached, built the same way by every method test; the batches, the flat
+views and the checkpoint round trip those tests share."""
 from __future__ import annotations
 
 import io
@@ -8,8 +9,8 @@ import torch
 
 from metacorrect.config import ExperimentConfig
 from metacorrect.methods import METHODS
-from metacorrect.methods.base import Method
 from metacorrect.methods.backbones import build_backbone
+from metacorrect.methods.base import Batch, Method, MethodContext
 from metacorrect.platform.collective import Collective
 
 
@@ -23,7 +24,7 @@ def make_method(fields: dict[str, Any], *, classes: int, side: int, width: int, 
     model = build_backbone(arch, classes, (side, side, 1), width)
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
-    return METHODS[fields["name"]](cfg, model, opt, classes, num_noisy, collective or Collective())
+    return METHODS[fields["name"]](MethodContext(cfg, model, opt, classes, num_noisy, collective or Collective()))
 
 
 def restore(source: Method, target: Method) -> Method:
@@ -38,3 +39,48 @@ def restore(source: Method, target: Method) -> Method:
     target.optimizer.load_state_dict(state["optimizer"])
     target.load_state_dict(state["method"])
     return target
+
+
+def flat(tensors) -> torch.Tensor:
+    return torch.cat([t.detach().reshape(-1) for t in tensors])
+
+
+def noisy_and_clean(seed: int, steps: int, *, classes: int, side: int, num_noisy: int, n: int = 16, m: int = 8,
+                    views: int = 0, noisy_weight: float | None = None) -> list[tuple[Batch, Batch]]:
+    """`steps` (noisy, clean) pairs: disjoint noisy ids within a step, ids revisited across steps, `views`
+    extra views per noisy image (IEG's strong views)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(steps):
+        ids = torch.randperm(num_noisy, generator=g)[:n]
+        x = torch.randn(n, 1, side, side, generator=g)
+        extra = torch.randn(views, n, 1, side, side, generator=g) if views else None
+        noisy = Batch(ids, x, torch.randint(0, classes, (n,), generator=g),
+                      float(n) if noisy_weight is None else noisy_weight, views=extra)
+        clean = Batch(torch.arange(m), torch.randn(m, 1, side, side, generator=g),
+                      torch.randint(0, classes, (m,), generator=g), float(m))
+        out.append((noisy, clean))
+    return out
+
+
+def run_steps(method: Method, data: list[tuple[Batch, Batch]], seed: int = 123) -> list[dict[str, float]]:
+    """One step per pair, the global generator seeded before each (EMLC's corruption, IEG's MixUp draw)."""
+    outs = []
+    for i, (noisy, clean) in enumerate(data):
+        torch.manual_seed(seed + i)
+        outs.append(method.step(noisy, clean))
+    return outs
+
+
+def learned_state(method: Method) -> torch.Tensor:
+    """Everything a method has learned, flat: the student, its meta-model, its table, its class α, its EMA."""
+    parts = [flat(method.model.parameters())]
+    if getattr(method, "meta_params", None):
+        parts.append(flat(method.meta_params))
+    if method.table is not None:
+        parts.append(method.table.values.nan_to_num(-1.0).reshape(-1))
+    if getattr(method, "alpha", None) is not None:
+        parts.append(method.alpha.detach().reshape(-1))
+    if getattr(method, "ema", None) is not None:
+        parts.append(flat(method.ema.parameters()))
+    return torch.cat([p.to(torch.float64) for p in parts])

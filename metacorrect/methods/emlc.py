@@ -13,8 +13,10 @@ The student trains on q (soft-target CE). Every k steps the teacher takes one st
 
 where META's gradient is the fast k-step meta-gradient (FPMG: one JVP through the student at each
 recorded old weight, one VJP through the teacher; Prop. 1 for k = 1, Prop. 2 for k > 1) from the engine
-(`discount="emlc"`), real-step-first, look-ahead lr = the optimizer's current lr. Unlike the official
-multi-step code, each recorded step's JVP is paired with that step's own targets (reference §3 [BUG]).
+(`discount: shrink`; or `discount: momentum`, docs/k_step_discount.md), real step first,
+look-ahead lr = the optimizer's current lr. Unlike the official multi-step code, which pairs chunk j's JVP
+with chunk k−1−j's targets, each recorded step's JVP is paired with that step's own targets
+(docs/methods/emlc.md).
 
 Paper vs official code (both selectable; the paper's values are the defaults):
 - corruption for the gate's BCE: the paper's method (Eq. 12, Table 4) uses it; `main_cifar.py` passes
@@ -41,13 +43,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metacorrect.checks import UNIT_HALF_OPEN, field_problems, one_of
-from metacorrect.config import MethodConfig
 from metacorrect.methods.backbones import Backbone, build_backbone
-from metacorrect.methods.base import Batch, Method, grads_of
-from metacorrect.methods.metagrad import MetaGradEngine, frozen_running_stats, lower_loss
-from metacorrect.methods.mlc import any_nonzero_grad, float_buffers, meta_problems, split_clean, student_loss
+from metacorrect.methods.base import (Batch, Capabilities, Method, MethodConfig, MethodContext, any_nonzero_grad,
+                                      engine_discount, float_buffers, grads_of, meta_problems, split_clean,
+                                      student_loss)
+from metacorrect.methods.engine import MetaGradEngine, frozen_running_stats, lower_loss
 
 CORRUPTIONS = ("adversarial", "random", "none")
+DISCOUNTS = ("shrink", "momentum")
 TEACHER_OPTIMIZERS = ("sgd", "adam")
 
 
@@ -55,7 +58,8 @@ TEACHER_OPTIMIZERS = ("sgd", "adam")
 class EMLCConfig(MethodConfig):
     name: str = "emlc"
     k: int = 1  # look-ahead steps; paper Table 1 reports k=1 and k=5 (k=5 best on CIFAR, k=1 on Clothing1M)
-    meta_grad: str = "fast"  # fast (FPMG: JVP + VJP) | exact (create_graph reference)
+    meta_grad: str = "fast"  # fast (FPMG: JVP + VJP) | exact (double-backward reference)
+    discount: str = "shrink"  # k > 1: shrink (the paper's Prop. 2, Π(1 − s)) | momentum (docs/k_step_discount.md)
     meta_lr: float = 0.02  # teacher + gate lr: paper Table 5 / official CIFAR 0.02 (Clothing1M 0.1)
     teacher_optimizer: str = "sgd"  # sgd (paper and official) | adam
     teacher_momentum: float = 0.9  # paper Table 5 (SGD, momentum 0.9); official code: SGD(lr=meta_lr), momentum 0
@@ -73,7 +77,7 @@ class EMLCConfig(MethodConfig):
                                               "optim.lr": {"loguniform": [0.005, 0.2]}}
 
     def validate(self) -> list[str]:
-        return meta_problems(self) + field_problems("method", self, {
+        return meta_problems(self, DISCOUNTS) + field_problems("method", self, {
             "corruption": one_of(CORRUPTIONS), "teacher_optimizer": one_of(TEACHER_OPTIMIZERS),
             "teacher_momentum": UNIT_HALF_OPEN})
 
@@ -116,13 +120,11 @@ def input_shape_of(model: nn.Module) -> tuple[int, int, int]:
     raise TypeError("emlc: cannot infer the input shape of the student (no Conv2d/Linear layer)")
 
 
-class EMLC(Method):
-    name = "emlc"
-    config_class = EMLCConfig
-
-    def __init__(self, cfg, model, optimizer, num_classes, num_noisy, collective, image_shape=None):
-        super().__init__(cfg, model, optimizer, num_classes, num_noisy, collective, image_shape)
-        m = self.mcfg
+class EMLC(Method, name="emlc", config=EMLCConfig, capabilities=Capabilities(corrects_labels=True)):
+    def __init__(self, ctx: MethodContext):
+        super().__init__(ctx)
+        m, model, collective, cfg, num_classes = self.mcfg, self.model, self.collective, self.cfg, self.num_classes
+        image_shape = self.image_shape
         p = next(model.parameters())
         backbone = build_backbone(cfg.model.arch, num_classes, image_shape or input_shape_of(model),
                                   cfg.model.width, cfg.model.pretrained)
@@ -136,8 +138,9 @@ class EMLC(Method):
             self.meta_optimizer = torch.optim.SGD(params, lr=m.meta_lr, momentum=m.teacher_momentum,
                                                   weight_decay=m.meta_weight_decay)
         self.meta_params = params
-        self.engine = MetaGradEngine(model, optimizer, "soft_ce", k=m.k, mode=m.meta_grad, discount="emlc",
-                                     collective=collective, meta_params=params)
+        self.engine = MetaGradEngine(model, self.optimizer, "soft_ce", k=m.k, meta_grad=m.meta_grad,
+                                     discount=engine_discount(m.k, m.discount), collective=collective,
+                                     meta_params=params)
         self._count = 0  # steps taken: keys the targets cached for the recorded steps
         self._cache: dict[int, Tensor] = {}  # step -> targets with graph to the teacher (the real step's forward)
 
@@ -195,13 +198,13 @@ class EMLC(Method):
         loss.backward()
         # CE + BCE: mean over the clean rows of all workers.
         self.collective.weighted_mean_(grads_of(self.teacher), clean.weight)
-        stats = self.engine.meta_backward(meta.x, meta.label, self._targets, clean_weight=meta.weight)
+        result = self.engine.meta_backward(meta.x, meta.label, self._targets, clean_weight=meta.weight)
         self._cache.clear()
         # BN running stats identical on every replica; only now, as the cached targets' graph saved them.
         buffers = float_buffers(self.teacher)
         if buffers:
             self.collective.weighted_mean_(buffers, 1.0)
-        out["meta_loss"] = stats["meta_loss"]
+        out["meta_loss"] = result.meta_loss
         if any_nonzero_grad(self.meta_params):
             self.meta_optimizer.step()
         return out

@@ -7,8 +7,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from metacorrect.config import MethodConfig
-from metacorrect.methods.base import Batch, Method
+from metacorrect.methods.base import Batch, Method, MethodConfig
 
 
 @dataclass
@@ -27,10 +26,7 @@ class CleanOnlyConfig(MethodConfig):
     search_space: ClassVar[dict[str, Any]] = ERMConfig.search_space
 
 
-class ERM(Method):
-    name = "erm"
-    config_class = ERMConfig
-
+class ERM(Method, name="erm", config=ERMConfig):
     def step(self, noisy: Batch, clean: Batch) -> dict[str, float]:
         parts = [b for b in (noisy, clean if self.mcfg.use_clean else None) if b is not None and b.weight > 0]
         if not parts:  # a stand-in noisy batch without clean data: contribute nothing, still join the all-reduce
@@ -42,10 +38,7 @@ class ERM(Method):
         return {"train_loss": loss.item()}
 
 
-class CleanOnly(Method):
-    name = "clean_only"
-    config_class = CleanOnlyConfig
-
+class CleanOnly(Method, name="clean_only", config=CleanOnlyConfig):
     def step(self, noisy: Batch, clean: Batch) -> dict[str, float]:
         # The noisy stream only paces the epoch, so epochs mean the same number of steps for every method.
         loss = F.cross_entropy(self.model(clean.x), clean.label)

@@ -6,9 +6,11 @@ README "IEG, MW-Net and L2RW"). The poster's Algorithm 1, per step on a noisy ba
    averaged, sharpened with temperature T (0.5).
 2. Data coefficients from ONE look-ahead at the current weights w, starting from ω_i = 1/B and λ_i = 0.9:
    lower loss Σ_i ω_i CE(λ_i·onehot(ỹ_i) + (1 − λ_i)·g(x_i)),
-   look-ahead w' = w − 0.1·(0.9·buf + ∇ + wd·w) (buf: the optimizer's momentum buffer), g' = ∇ [probe CE + wd] at w'. One forward-mode JVP of −log_softmax
-   through the student at w along 0.1·g' gives both meta-gradients (reference §1.2):
-       ∂L/∂ω_i = −⟨a_i, jvp_i⟩ ,   ∂L/∂λ_i = −ω_i ⟨onehot(ỹ_i) − g(x_i), jvp_i⟩.
+   look-ahead w' = w − 0.1·(0.9·buf + ∇ + wd·w) (buf: the optimizer's momentum buffer), g' = ∇ [probe CE + wd]
+   at w'. The lower loss is the engine's "soft_ce" family with a_i = ω_i·(λ_i·onehot(ỹ_i) + (1 − λ_i)·g(x_i)),
+   so one look-ahead-first meta-gradient dL/da_i (`engine.lookahead_meta_grad`, one JVP of −log_softmax at w
+   along 0.1·g') gives both by the chain rule:
+       ∂L/∂ω_i ∝ ⟨dL/da_i, a_i/ω_i⟩ ,   ∂L/∂λ_i = ω_i ⟨dL/da_i, onehot(ỹ_i) − g(x_i)⟩.
    ω* = max(0, −∂L/∂ω) normalised to sum 1 (L2R); λ*_i = 1 if ∂L/∂λ_i < 0 else 0 (binary selection).
    `meta_grad: exact` gets the same two vectors by double backward (the reference path).
 3. Split: rows with ω*·B ≤ `split_threshold` (default 0: the rows the meta step rejected) are likely mislabelled.
@@ -42,13 +44,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metacorrect.checks import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, UNIT_CLOSED, UNIT_HALF_OPEN, field_problems, one_of
-from metacorrect.config import MethodConfig
 from metacorrect.datasets.stream import STRONG_AUGMENTS
-from metacorrect.methods.base import Batch, Method
-from metacorrect.methods.metagrad import MODES, exact_mixed_grads, frozen_running_stats, lower_jvp, virtual_step
-from metacorrect.methods.reweight import (Rows, WeightTable, current_state, mean_clean_gradient, mean_gradient,
-                                          normalised_weights, rows_of)
-
+from metacorrect.methods.base import Batch, Capabilities, Method, MethodConfig, MethodContext
+from metacorrect.methods.engine import (META_GRADS, Rows, Step, first_group, frozen_running_stats,
+                                        lookahead_meta_grad, normalised_weights)
+from metacorrect.methods.table import SampleTable
 
 
 @dataclass
@@ -70,7 +70,7 @@ class IEGConfig(MethodConfig):
 
     def validate(self) -> list[str]:
         return field_problems("method", self, {
-            "meta_grad": one_of(MODES), "meta_stepsize": POSITIVE, "meta_momentum": UNIT_HALF_OPEN,
+            "meta_grad": one_of(META_GRADS), "meta_stepsize": POSITIVE, "meta_momentum": UNIT_HALF_OPEN,
             "mix_init": UNIT_CLOSED, "temperature": POSITIVE, "views": AT_LEAST_ONE,
             "strong_augment": one_of(STRONG_AUGMENTS), "mixup_beta": POSITIVE, "ce_factor": NON_NEGATIVE,
             "consistency_factor": NON_NEGATIVE, "split_threshold": NON_NEGATIVE, "ema_decay": UNIT_HALF_OPEN})
@@ -103,7 +103,7 @@ def soft_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
 class Coefficients:
     """IEG's data coefficients for one noisy batch and the meta-gradients they came from."""
 
-    weight: Tensor  # ω*·W (mean-1 units, see reweight.py), (n,)
+    weight: Tensor  # ω*·W (mean-1 units, see engine/rows.py), (n,)
     mix: Tensor  # λ* ∈ {0, 1}, (n,)
     grad_weight: Tensor  # dL_probe(w')/du_i at u = 1 (u = ω·W), (n,)
     grad_mix: Tensor  # dL_probe(w')/dλ_i at λ = mix_init, (n,)
@@ -111,21 +111,19 @@ class Coefficients:
     rows: Rows
 
 
-class IEG(Method):
-    name = "ieg"
-    config_class = IEGConfig
-
-    def __init__(self, cfg, model, optimizer, num_classes, num_noisy, collective, image_shape=None):
-        super().__init__(cfg, model, optimizer, num_classes, num_noisy, collective, image_shape)
+class IEG(Method, name="ieg", config=IEGConfig,
+          capabilities=Capabilities(weighs_samples=True, eval_models=True, strong_views=True)):
+    def __init__(self, ctx: MethodContext):
+        super().__init__(ctx)
         m = self.mcfg
         self.strong_views, self.strong_augment = m.views, m.strong_augment
         self.ema: nn.Module | None = None
         if m.ema_decay > 0:
-            self.ema = copy.deepcopy(model).eval()
+            self.ema = copy.deepcopy(self.model).eval()
             for p in self.ema.parameters():
                 p.requires_grad_(False)
         self.ema_updates = 0
-        self.table = WeightTable(num_noisy, next(model.parameters()).device)  # ω* per noisy id, for the platform
+        self.table = SampleTable("weights", self.num_noisy, self.collective, self.device)  # ω* per noisy id
 
     # ---- step 2: data coefficients --------------------------------------------------------------------
     def data_coefficients(self, noisy: Batch, clean: Batch, guess: Tensor, logits: Tensor | None = None
@@ -133,42 +131,27 @@ class IEG(Method):
         """ω* and λ* from one look-ahead at the current weights. `logits`: model(noisy.x) with graph (the
         step's own forward, reused); computed here, without touching BN running stats, when not given."""
         m = self.mcfg
-        rows = rows_of(noisy, self.collective)
-        params, buffers = current_state(self.model)
         if logits is None:
             with frozen_running_stats(self.model):
                 logits = self.model(noisy.x)
         onehot = F.one_hot(noisy.label, self.num_classes).to(logits.dtype)
         guess = guess.detach().to(logits.dtype)
-        target = m.mix_init * onehot + (1.0 - m.mix_init) * guess
-        names = list(params)
-        lower = soft_cross_entropy(logits, target).mean() if len(logits) else logits.sum()
-        grads = torch.autograd.grad(lower, [params[n] for n in names], retain_graph=True, allow_unused=True)
-        grads = mean_gradient({n: torch.zeros_like(params[n]) if g is None else g for n, g in zip(names, grads)},
-                              noisy.weight, self.collective)
-        group = self.optimizer.param_groups[0]
-        momentum = {n: self.optimizer.state.get(p, {}).get("momentum_buffer") for n, p in params.items()}
-        wd = float(group.get("weight_decay", 0.0))
-        ahead = virtual_step(params, grads, m.meta_stepsize, momentum, m.meta_momentum, wd)
-        g_new, meta_loss = mean_clean_gradient(self.model, ahead, buffers, clean, self.collective, weight_decay=wd)
-        tangent = {n: m.meta_stepsize * g for n, g in g_new.items()}
-        if m.meta_grad == "fast":
-            jvp = lower_jvp(self.model, params, buffers, noisy.x, tangent, "soft_ce")  # J(−log p)·tangent
-            grad_weight = -rows.r * (target * jvp).sum(1)
-            grad_mix = -rows.r * ((onehot - guess) * jvp).sum(1)
-        else:
-            u = torch.ones(len(onehot), dtype=logits.dtype, device=logits.device, requires_grad=True)
-            lam = torch.full_like(u, m.mix_init).requires_grad_(True)
+        target = m.mix_init * onehot + (1.0 - m.mix_init) * guess  # a_i at ω_i·B = 1, λ_i = mix_init
+        wd = first_group(self.optimizer).weight_decay
 
-            def lower_fn(z: Tensor) -> Tensor:
-                a = lam.unsqueeze(1) * onehot + (1.0 - lam.unsqueeze(1)) * guess
-                return rows.r * (u * soft_cross_entropy(z, a)).sum()
+        def lower(targets: Tensor) -> Tensor:  # "soft_ce": mean over rows of ⟨a_i, −log p_i⟩
+            return soft_cross_entropy(logits, targets).mean() if len(logits) else logits.sum()
 
-            g_u, g_lam = exact_mixed_grads(self.model, params, buffers, noisy.x, lower_fn, [u, lam], tangent)
-            grad_weight, grad_mix = -g_u, -g_lam
-        weight = normalised_weights(-grad_weight, rows, self.collective)
+        result = lookahead_meta_grad(self.model, self.optimizer, "soft_ce", noisy.x, lower, target, clean.x,
+                                     clean.label, step=Step.plain(m.meta_stepsize, m.meta_momentum, wd),
+                                     weight=noisy.weight, clean_weight=clean.weight, collective=self.collective,
+                                     meta_grad=m.meta_grad, meta_weight_decay=wd)
+        # a_i = ω_i·B·(λ_i·onehot + (1 − λ_i)·g_i): the chain rule at ω_i·B = 1 gives both coefficients' gradients.
+        grad_weight = (target * result.grad_a).sum(1)
+        grad_mix = ((onehot - guess) * result.grad_a).sum(1)
+        weight = normalised_weights(-grad_weight, result.rows, self.collective)
         mix = (grad_mix < 0).to(logits.dtype)
-        return Coefficients(weight, mix, grad_weight.detach(), grad_mix.detach(), meta_loss, rows)
+        return Coefficients(weight, mix, grad_weight.detach(), grad_mix.detach(), result.meta_loss, result.rows)
 
     # ---- step 3: MixUp and consistency ----------------------------------------------------------------
     def _mixup_losses(self, noisy: Batch, views: Tensor, clean: Batch, guess: Tensor,
@@ -216,7 +199,7 @@ class IEG(Method):
         guess = pseudo_labels([logits] + list(view_logits.split(n)), m.temperature)
         with self.meta_phase():
             co = self.data_coefficients(noisy, clean, guess, logits)
-        self.table.record(noisy.ids, co.weight, co.rows.share, self.collective)
+        self.table.write(noisy.ids, co.weight, noisy.label, counts=co.rows.counts)
 
         onehot = F.one_hot(noisy.label, self.num_classes).to(logits.dtype)
         chosen = co.mix.unsqueeze(1) * onehot + (1 - co.mix.unsqueeze(1)) * guess
@@ -236,7 +219,7 @@ class IEG(Method):
 
     def sample_weights(self, noisy: Batch) -> Tensor:
         """ω*·B (mean 1 over its training batch) each sample got the last time it was trained on."""
-        return self.table.lookup(noisy.ids)
+        return self.table.read(noisy.ids)
 
     # ---- EMA ------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -9,8 +9,9 @@ Per step, at the current weights w and with no meta-model:
 
 s_i is −∂L_clean(w − ε Σ_j u_j ∇ℓ_j)/∂u_i / ε at ε → 0: the official code's
 `tf.gradients(grads_a, eps, grad_ys=grads_b)` at ε = 0 (a unit look-ahead that leaves w unchanged). Through the engine's "weighted" family,
-so the network is never rebuilt and there is no second-order autograd; `meta_grad: exact` computes the same
-scores by double backward (the reference). With batch norm, ℓ_i depends on the whole batch through the batch
+so the network is never rebuilt and there is no second-order autograd: the engine's look-ahead-first
+meta-gradient with the identity step (`Step.identity()`); `meta_grad: exact` computes the same scores by double
+backward (the reference). docs/methods/l2rw.md. With batch norm, ℓ_i depends on the whole batch through the batch
 statistics; the JVP and the exact path both include that, as the official double-grad does.
 
 Paper vs official code: the official code starts the weights at ε = 0 (so the look-ahead is the identity) and
@@ -28,12 +29,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from metacorrect.checks import field_problems, one_of
-from metacorrect.config import MethodConfig
-from metacorrect.methods.base import Batch, Method
-from metacorrect.methods.metagrad import MODES, exact_mixed_grads, lower_jvp
-from metacorrect.methods.reweight import (Rows, WeightTable, current_state, mean_clean_gradient,
-                                          normalised_weights, rows_of)
-
+from metacorrect.methods.base import Batch, Capabilities, Method, MethodConfig, MethodContext
+from metacorrect.methods.engine import META_GRADS, Rows, Step, lookahead_meta_grad, normalised_weights
+from metacorrect.methods.table import SampleTable
 
 
 @dataclass
@@ -42,43 +40,30 @@ class L2RWConfig(MethodConfig):
     meta_grad: str = "fast"  # fast (JVP of the per-sample losses) | exact (double backward, the reference)
 
     def validate(self) -> list[str]:
-        return field_problems("method", self, {"meta_grad": one_of(MODES)})
+        return field_problems("method", self, {"meta_grad": one_of(META_GRADS)})
 
 
-def per_sample_scores(model, params, buffers, x: Tensor, labels: Tensor, direction: dict[str, Tensor],
-                      mode: str = "fast") -> Tensor:
-    """s_i = ⟨∇_w ℓ_i(w), direction⟩ for the per-sample CE ℓ_i at `params`, (n,), in the model's mode."""
-    if mode == "fast":
-        return lower_jvp(model, params, buffers, x, direction, "weighted", labels)
-    eps = torch.zeros(len(x), dtype=x.dtype, device=x.device, requires_grad=True)
-    ones = torch.ones_like(eps)
-
-    def lower(logits: Tensor) -> Tensor:  # Σ (1 + ε_i) ℓ_i: d/dε_i of ⟨direction, ∇ lower⟩ = s_i
-        return ((ones + eps) * F.cross_entropy(logits, labels, reduction="none")).sum()
-
-    return exact_mixed_grads(model, params, buffers, x, lower, [eps], direction)[0]
-
-
-class L2RW(Method):
-    name = "l2rw"
-    config_class = L2RWConfig
-
-    def __init__(self, cfg, model, optimizer, num_classes, num_noisy, collective, image_shape=None):
-        super().__init__(cfg, model, optimizer, num_classes, num_noisy, collective, image_shape)
-        self.table = WeightTable(num_noisy, next(model.parameters()).device)
+class L2RW(Method, name="l2rw", config=L2RWConfig, capabilities=Capabilities(weighs_samples=True)):
+    def __init__(self, ctx: MethodContext):
+        super().__init__(ctx)
+        self.table = SampleTable("weights", self.num_noisy, self.collective, self.device)
 
     def example_weights(self, noisy: Batch, clean: Batch) -> tuple[Tensor, Rows, float]:
-        """(mean-1 weights u of the noisy rows, their Rows, the clean CE at w), before any step."""
-        params, buffers = current_state(self.model)
-        g_clean, clean_loss = mean_clean_gradient(self.model, params, buffers, clean, self.collective)
-        scores = per_sample_scores(self.model, params, buffers, noisy.x, noisy.label, g_clean, self.mcfg.meta_grad)
-        rows = rows_of(noisy, self.collective)
-        return normalised_weights(scores, rows, self.collective), rows, clean_loss
+        """(mean-1 weights u of the noisy rows, their Rows, the clean CE at w), before any step.
+
+        The identity look-ahead makes the meta-gradient −r·s_i with s_i = ⟨∇_w ℓ_i(w), g_c⟩; normalising
+        max(0, −dL/du_i) gives L2R's weights (r > 0 is the same for every row that counts)."""
+        result = lookahead_meta_grad(self.model, self.optimizer, "weighted", noisy.x, None,
+                                     torch.ones(len(noisy), device=noisy.x.device), clean.x, clean.label,
+                                     step=Step.identity(), labels=noisy.label, weight=noisy.weight,
+                                     clean_weight=clean.weight, collective=self.collective,
+                                     meta_grad=self.mcfg.meta_grad)
+        return normalised_weights(-result.grad_a, result.rows, self.collective), result.rows, result.meta_loss
 
     def step(self, noisy: Batch, clean: Batch) -> dict[str, float]:
         with self.meta_phase():
             u, rows, clean_loss = self.example_weights(noisy, clean)
-        self.table.record(noisy.ids, u, rows.share, self.collective)
+        self.table.write(noisy.ids, u, noisy.label, counts=rows.counts)
         ce = F.cross_entropy(self.model(noisy.x), noisy.label, reduction="none")
         loss = (u * ce).mean() if len(ce) else ce.sum()
         self.optimizer_step(loss, noisy.weight)
@@ -88,7 +73,7 @@ class L2RW(Method):
 
     def sample_weights(self, noisy: Batch) -> Tensor:
         """The weight (mean 1 over its training batch) each sample got the last time it was trained on."""
-        return self.table.lookup(noisy.ids)
+        return self.table.read(noisy.ids)
 
     def state_dict(self) -> dict[str, Any]:
         return {"weights": self.table.state_dict()}

@@ -4,7 +4,7 @@ A label correction network (LCN) g_α(h(x), ỹ) turns the student's stop-gradie
 the noisy label into a soft label; the student trains on it (plus half of each clean batch with its hard
 labels), and α follows the clean loss of the student after a k-step look-ahead.
 
-Per iteration (real-step-first, see metagrad.py)::
+Per iteration (real step first: `engine.MetaGradEngine`; docs/methods/mlc.md)::
 
     h = student.features(x_noisy)                        # one forward gives logits and the LCN input
     y_c = LCN(h.detach(), ỹ)                              # context (h, ỹ) is recorded with the snapshot
@@ -12,8 +12,9 @@ Per iteration (real-step-first, see metagrad.py)::
     engine.meta_backward(other clean half)               # meta-gradient into the LCN's .grad
     every k-th call: Adam(amsgrad) step of the LCN
 
-k = 1 uses the engine's one-step formula; k > 1 uses MLC's own accumulation (discount="mlc", Eq. 4–6,
-`step_hmlc_K`): at k = 1 the two are the same quantity, "emlc" just skips the unused γ computation.
+k = 1 uses the engine's one-step formula; k > 1 uses MLC's own accumulation by default (`discount: projection`,
+Eq. 4–6, `step_hmlc_K`; at k = 1 the two are the same quantity), or EMLC's discount (`shrink`), or the
+momentum-aware one (`momentum`, docs/k_step_discount.md).
 The look-ahead lr is the optimizer's current lr (not MLC's `get_lr()`, which is 10× off at milestones).
 
 Paper vs official code (both selectable):
@@ -35,64 +36,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metacorrect.checks import AT_LEAST_ONE, COUNT, NON_NEGATIVE, POSITIVE, UNIT_CLOSED, field_problems, one_of
-from metacorrect.config import MethodConfig
-from metacorrect.methods.base import Batch, Method
-from metacorrect.methods.metagrad import MODES, MetaGradEngine, frozen_running_stats, lower_loss
-
-
-# ---- pieces shared with EMLC --------------------------------------------------------------------------
-def meta_problems(cfg: Any) -> list[str]:
-    """One line per problem of the fields every meta method here has (k, meta_grad, meta_lr, ...)."""
-    return field_problems("method", cfg, {"k": COUNT, "meta_grad": one_of(MODES), "meta_lr": POSITIVE,
-                                          "meta_weight_decay": NON_NEGATIVE, "embed_dim": AT_LEAST_ONE,
-                                          "hidden_dim": AT_LEAST_ONE})
-
-
-def split_clean(clean: Batch, mix: bool) -> tuple[Batch, Batch | None]:
-    """(meta part, train part): the first half (rounded up) evaluates, the rest joins the student's loss."""
-    if not mix or len(clean) < 2:
-        return clean, None
-    m = (len(clean) + 1) // 2
-    share = clean.weight / max(len(clean), 1)  # rows that count, per row (1, or 0 for a stand-in)
-
-    def part(sl: slice) -> Batch:
-        ids = clean.ids[sl]
-        return Batch(ids=ids, x=clean.x[sl], label=clean.label[sl], weight=share * len(ids))
-
-    return part(slice(0, m)), part(slice(m, None))
-
-
-def student_loss(soft: Tensor, noisy_weight: float, clean_ce: Tensor | None, clean_weight: float
-                 ) -> tuple[Tensor, float, float]:
-    """(n_s·soft + n_c·clean)/(n_s + n_c) with rows that count; returns (loss, weight, scale of the soft term)."""
-    total = noisy_weight + (clean_weight if clean_ce is not None else 0.0)
-    if total <= 0:
-        return soft * 0.0, 0.0, 0.0
-    loss = soft * (noisy_weight / total)
-    if clean_ce is not None:
-        loss = loss + clean_ce * (clean_weight / total)
-    return loss, total, noisy_weight / total
-
-
-def any_nonzero_grad(params: list[Tensor]) -> bool:
-    """False when every meta-gradient is exactly zero (all rows were stand-ins on every worker).
-
-    The engine has already summed the meta-gradients over workers, so every replica decides alike.
-    """
-    return any(p.grad is not None and bool(p.grad.ne(0).any()) for p in params)
-
-
-def float_buffers(module: nn.Module) -> list[Tensor]:
-    return [b for b in module.buffers() if b.is_floating_point()]
+from metacorrect.checks import UNIT_CLOSED, field_problems
+from metacorrect.methods.base import (Batch, Capabilities, Method, MethodConfig, MethodContext, any_nonzero_grad,
+                                      engine_discount, meta_problems, split_clean, student_loss)
+from metacorrect.methods.engine import MetaGradEngine, frozen_running_stats, lower_loss
 
 
 # ---- config and LCN -----------------------------------------------------------------------------------
+DISCOUNTS = ("projection", "shrink", "momentum")
+
+
 @dataclass
 class MLCConfig(MethodConfig):
     name: str = "mlc"
     k: int = 1  # look-ahead steps (meta step every k iterations); paper Table 2: 5, official default: 1
-    meta_grad: str = "fast"  # fast (JVP + VJP) | exact (create_graph reference)
+    meta_grad: str = "fast"  # fast (JVP + VJP) | exact (double-backward reference)
+    discount: str = "projection"  # k > 1: projection (the paper's Eq. 4–6) | shrink (EMLC's Π(1 − s)) | momentum
     meta_lr: float = 3e-4  # LCN optimizer: Adam(amsgrad=True, eps=1e-8); official Clothing1M: 3e-3
     meta_weight_decay: float = 0.0
     embed_dim: int = 128  # label embedding (C, 128) as in the paper (official argparse default 64)
@@ -107,7 +66,7 @@ class MLCConfig(MethodConfig):
                                               "optim.lr": {"loguniform": [0.005, 0.2]}}
 
     def validate(self) -> list[str]:
-        return meta_problems(self) + field_problems(
+        return meta_problems(self, DISCOUNTS) + field_problems(
             "method", self, {"alpha": UNIT_CLOSED.or_null("a learned per-sample gate")})
 
 
@@ -153,22 +112,19 @@ def _features(model: nn.Module, x: Tensor) -> Tensor:
 
 
 # ---- the method ---------------------------------------------------------------------------------------
-class MLC(Method):
-    name = "mlc"
-    config_class = MLCConfig
-
-    def __init__(self, cfg, model, optimizer, num_classes, num_noisy, collective, image_shape=None):
-        super().__init__(cfg, model, optimizer, num_classes, num_noisy, collective, image_shape)
-        m = self.mcfg
+class MLC(Method, name="mlc", config=MLCConfig, capabilities=Capabilities(corrects_labels=True)):
+    def __init__(self, ctx: MethodContext):
+        super().__init__(ctx)
+        m, model, collective = self.mcfg, self.model, self.collective
         p = next(model.parameters())
         feature_dim = int(getattr(model, "feature_dim", model.classifier.in_features))
-        self.lcn = LCN(feature_dim, num_classes, m.embed_dim, m.hidden_dim, m.skip, m.alpha).to(p.device, p.dtype)
+        self.lcn = LCN(feature_dim, self.num_classes, m.embed_dim, m.hidden_dim, m.skip, m.alpha).to(p.device, p.dtype)
         collective.sync_module_(self.lcn)  # identical LCN on every worker
         self.meta_optimizer = torch.optim.Adam(self.lcn.parameters(), lr=m.meta_lr, amsgrad=True, eps=1e-8,
                                                weight_decay=m.meta_weight_decay)
         self.meta_params = [q for q in self.lcn.parameters() if q.requires_grad]
-        self.engine = MetaGradEngine(model, optimizer, "soft_ce", k=m.k, mode=m.meta_grad,
-                                     discount="mlc" if m.k > 1 else "emlc", collective=collective,
+        self.engine = MetaGradEngine(model, self.optimizer, "soft_ce", k=m.k, meta_grad=m.meta_grad,
+                                     discount=engine_discount(m.k, m.discount), collective=collective,
                                      meta_params=self.meta_params)
 
     def _targets(self, context: tuple[Tensor, Tensor]) -> Tensor:
@@ -195,12 +151,12 @@ class MLC(Method):
         if self.engine.ready:
             with self.meta_phase():
                 self.meta_optimizer.zero_grad(set_to_none=True)  # MLC zeroes before every call (Eq. 4–6)
-                stats = self.engine.meta_backward(meta.x, meta.label, self._targets, clean_weight=meta.weight)
-            out["meta_loss"] = stats["meta_loss"]
-            out.setdefault("clean_loss", stats["meta_loss"])
-            if "meta_gamma" in stats:
-                out["meta_gamma"] = stats["meta_gamma"]
-            if stats["meta_step"] and any_nonzero_grad(self.meta_params):
+                result = self.engine.meta_backward(meta.x, meta.label, self._targets, clean_weight=meta.weight)
+            out["meta_loss"] = result.meta_loss
+            out.setdefault("clean_loss", result.meta_loss)
+            if result.gamma is not None:
+                out["meta_gamma"] = result.gamma
+            if result.meta_step and any_nonzero_grad(self.meta_params):
                 self.meta_optimizer.step()
         return out
 

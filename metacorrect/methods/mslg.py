@@ -1,6 +1,7 @@
 """MSLG — Meta Soft Label Generation (Algan & Ulusoy, ICPR'20; README "Learned labels").
 
-Per noisy sample a row of label logits y^d in the label table, initialised to K·onehot(ỹ); the soft
+Per noisy sample a row of label logits y^d in the label table, initialised to logit_scale·onehot(ỹ) (the
+paper's K); the soft
 label is ŷ = softmax(y^d). After `warmup_epochs` of plain cross-entropy on the noisy labels, every
 step (the paper's Algorithm / official `metapencil`):
 
@@ -9,9 +10,9 @@ step (the paper's Algorithm / official `metapencil`):
     3. y^d ← y^d − label_lr · ∂L_meta/∂y^d                                   (rows of this batch)
     4. with the NEW ŷ, one real step on  L_c + gamma · L_e,  L_e = −Σ p log p  (entropy, as in PENCIL)
 
-Step 2–3 is the labels-first look-ahead (`lookahead.labels_first_meta_grad`: one clean gradient at w'
-and one forward-mode JVP, no second-order autograd and no BN running-stat updates — the official
-functional forward calls `F.batch_norm(training=True)` on the real running buffers, we do not).
+Step 2–3 is the look-ahead-first meta-gradient (`engine.lookahead_meta_grad`: one clean gradient at w' and
+one forward-mode JVP, no second-order autograd and no BN running-stat updates — the official functional
+forward calls `F.batch_norm(training=True)` on the real running buffers, we do not). docs/methods/mslg.md.
 
 Choices (paper / official code and ours):
 - normalisation: the official loss is a mean over batch AND classes (1/(B·C)); ours is a mean over the
@@ -33,44 +34,38 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from metacorrect.checks import NON_NEGATIVE, POSITIVE, field_problems, one_of
-from metacorrect.config import MethodConfig
-from metacorrect.methods.base import Batch, Method
-from metacorrect.methods.label_table import LabelTable, onehot_logits
-from metacorrect.methods.lookahead import labels_first_meta_grad
-from metacorrect.methods.metagrad import MODES, lower_loss
-
-LABEL_TABLE_FILE = "label_table.parquet"
+from metacorrect.methods.base import Batch, Capabilities, Method, MethodConfig, MethodContext
+from metacorrect.methods.engine import META_GRADS, Step, lookahead_meta_grad, lower_loss
+from metacorrect.methods.table import SampleTable, onehot_logits
 
 
 @dataclass
 class MSLGConfig(MethodConfig):
     name: str = "mslg"
-    K: float = 10.0  # y^d init = K·onehot(ỹ); official default 10 (ŷ = 0.99959 on ỹ for C = 10)
+    logit_scale: float = 10.0  # y^d init = logit_scale·onehot(ỹ), the paper's K; official 10 (ŷ = 0.99959, C = 10)
     label_lr: float = 400.0  # SGD step on the label logits; = official β 4000 · 0.5 / C(10) with lookahead_lr 0.5
     lookahead_lr: float | None = None  # null: the optimizer's real step; official: a fixed plain step of 0.5
     gamma: float = 1.0  # weight of the entropy term L_e (official 1)
     warmup_epochs: int = 1  # epochs of plain CE on the noisy labels first (official: 44 of 120 CIFAR-10, 1 Clothing1M)
-    meta_grad: str = "fast"  # fast (JVP) | exact (create_graph reference, one worker)
+    meta_grad: str = "fast"  # fast (JVP) | exact (double-backward reference)
 
-    # Default sweep: the label-logit scale K and the label step (the two the paper's code fixes per data set).
-    search_space: ClassVar[dict[str, Any]] = {"method.K": {"loguniform": [1.0, 1000.0]},
+    # Default sweep: the label-logit scale (the paper's K) and the label step (the official code fixes both per data set).
+    search_space: ClassVar[dict[str, Any]] = {"method.logit_scale": {"loguniform": [1.0, 1000.0]},
                                               "method.label_lr": {"loguniform": [100.0, 20000.0]},
                                               "method.warmup_epochs": {"choice": [0, 1, 2, 5]}}
+    renamed: ClassVar[dict[str, str]] = {"K": "logit_scale"}
 
     def validate(self) -> list[str]:
         return field_problems("method", self, {
-            "K": POSITIVE, "label_lr": POSITIVE, "lookahead_lr": POSITIVE.or_null("the real step"),
-            "gamma": NON_NEGATIVE, "warmup_epochs": NON_NEGATIVE, "meta_grad": one_of(MODES)})
+            "logit_scale": POSITIVE, "label_lr": POSITIVE, "lookahead_lr": POSITIVE.or_null("the real step"),
+            "gamma": NON_NEGATIVE, "warmup_epochs": NON_NEGATIVE, "meta_grad": one_of(META_GRADS)})
 
 
-class MSLG(Method):
-    name = "mslg"
-    config_class = MSLGConfig
-
-    def __init__(self, cfg, model, optimizer, num_classes, num_noisy, collective, image_shape=None):
-        super().__init__(cfg, model, optimizer, num_classes, num_noisy, collective, image_shape)
-        device = next(model.parameters()).device
-        self.table = LabelTable(num_noisy, num_classes, onehot_logits(self.mcfg.K), collective, device)
+class MSLG(Method, name="mslg", config=MSLGConfig, capabilities=Capabilities(corrects_labels=True)):
+    def __init__(self, ctx: MethodContext):
+        super().__init__(ctx)
+        self.table = SampleTable("labels", self.num_noisy, self.collective, self.device, num_classes=self.num_classes,
+                                 init_row=onehot_logits(self.mcfg.logit_scale))
         self.epoch = 0
 
     def start_epoch(self, epoch: int) -> None:
@@ -88,7 +83,7 @@ class MSLG(Method):
         m = self.mcfg
         real = noisy.weight > 0  # a stand-in batch (weight 0) carries clean ids: it must not touch the table
         logits = self.model(noisy.x)
-        rows = self.table.rows(noisy.ids, noisy.label) if real else torch.zeros_like(logits)
+        rows = self.table.read(noisy.ids, noisy.label) if real else torch.zeros_like(logits)
         leaf = rows.detach().requires_grad_(True)
         a = -F.log_softmax(leaf, dim=1)  # reverse_kl family: ⟨p, −log ŷ⟩
         log_p = F.log_softmax(logits, dim=1)
@@ -98,14 +93,13 @@ class MSLG(Method):
             return neg_entropy + lower_loss("reverse_kl", logits, targets)
 
         with self.meta_phase():
-            result = labels_first_meta_grad(
-                self.model, self.optimizer, "reverse_kl", noisy.x, kl, a, clean.x, clean.label,
-                weight=noisy.weight, clean_weight=clean.weight, collective=self.collective, step=m.lookahead_lr,
-                mode=m.meta_grad)
+            step = Step.optimizer() if m.lookahead_lr is None else Step.plain(m.lookahead_lr)
+            result = lookahead_meta_grad(
+                self.model, self.optimizer, "reverse_kl", noisy.x, kl, a, clean.x, clean.label, step=step,
+                weight=noisy.weight, clean_weight=clean.weight, collective=self.collective, meta_grad=m.meta_grad)
             (grad_rows,) = torch.autograd.grad(a, leaf, result.grad_a)
             new_rows = (rows - m.label_lr * grad_rows).detach()
-            keep = slice(None) if real else slice(0, 0)
-            self.table.update(noisy.ids[keep], new_rows[keep], noisy.label[keep])
+            self.table.write(noisy.ids, new_rows, noisy.label, counts=real)
 
         kl_new = kl(-F.log_softmax(new_rows, dim=1))
         loss = kl_new - m.gamma * neg_entropy  # + γ·L_e, L_e = −Σ p log p
@@ -118,10 +112,7 @@ class MSLG(Method):
 
     @torch.no_grad()
     def soft_labels(self, noisy: Batch) -> Tensor:
-        return F.softmax(self.table.rows(noisy.ids, noisy.label), dim=1)
-
-    def export_files(self) -> dict[str, bytes]:
-        return {LABEL_TABLE_FILE: self.table.to_parquet(lambda v: F.softmax(v, dim=1))}
+        return F.softmax(self.table.read(noisy.ids, noisy.label), dim=1)
 
     def state_dict(self) -> dict[str, Any]:
         return {"table": self.table.state_dict()}

@@ -10,9 +10,10 @@ the paper's order (virtual step → VNet update → real step with the updated V
     VNet ← Adam(lr 1e-3, wd 1e-4) on the VJP of that through VNet
     real step on (1/n) Σ VNet_new(ℓ_i) ℓ_i                  backward through the kept forward
 
-The look-ahead uses the primitives of the engine (`virtual_step`, `clean_gradient`, `lower_jvp`): no network is
-rebuilt and there is no second-order autograd; `meta_grad: exact` differentiates through the virtual step by
-double backward instead (same numbers). The engine's real-step-first loop (EMLC) would also be a legitimate
+The coefficient is the engine's look-ahead-first meta-gradient of the "weighted" family with a fixed plain step
+at the current lr (`engine.lookahead_meta_grad`, `Step.plain`): no network is rebuilt and there is no
+second-order autograd; `meta_grad: exact` differentiates through the virtual step by double backward instead
+(same numbers). docs/methods/mwnet.md. The engine's real-step-first loop (EMLC) would also be a legitimate
 reading for a persistent VNet and saves one backward; the paper's order is used so that the real step already
 uses the updated VNet, as in `MW-Net.py`.
 
@@ -32,11 +33,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metacorrect.checks import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, field_problems, one_of
-from metacorrect.config import MethodConfig
-from metacorrect.methods.base import Batch, Method
-from metacorrect.methods.metagrad import MODES, exact_mixed_grads, frozen_running_stats, lower_jvp, virtual_step
-from metacorrect.methods.reweight import Rows, current_state, mean_clean_gradient, mean_gradient, rows_of
-
+from metacorrect.methods.base import Batch, Capabilities, Method, MethodConfig, MethodContext
+from metacorrect.methods.engine import (META_GRADS, LookaheadResult, Rows, Step, first_group, frozen_running_stats,
+                                        lookahead_meta_grad, rows_of)
 
 
 @dataclass
@@ -49,7 +48,7 @@ class MWNetConfig(MethodConfig):
     normalise: bool = False  # weights to sum 1 over the batch (WRN script); MW-Net.py does not
 
     def validate(self) -> list[str]:
-        return field_problems("method", self, {"meta_grad": one_of(MODES), "meta_lr": POSITIVE,
+        return field_problems("method", self, {"meta_grad": one_of(META_GRADS), "meta_lr": POSITIVE,
                                                "meta_weight_decay": NON_NEGATIVE, "hidden_dim": AT_LEAST_ONE})
 
 
@@ -65,22 +64,19 @@ class VNet(nn.Module):
         return torch.sigmoid(self.net(loss.unsqueeze(1))).squeeze(1)
 
 
-class MWNet(Method):
-    name = "mwnet"
-    config_class = MWNetConfig
-
-    def __init__(self, cfg, model, optimizer, num_classes, num_noisy, collective, image_shape=None):
-        super().__init__(cfg, model, optimizer, num_classes, num_noisy, collective, image_shape)
+class MWNet(Method, name="mwnet", config=MWNetConfig, capabilities=Capabilities(weighs_samples=True)):
+    def __init__(self, ctx: MethodContext):
+        super().__init__(ctx)
         m = self.mcfg
-        p = next(model.parameters())
+        p = next(self.model.parameters())
         self.vnet = VNet(m.hidden_dim).to(p.device, p.dtype)
-        collective.sync_module_(self.vnet)
+        self.collective.sync_module_(self.vnet)
         self.meta_params = list(self.vnet.parameters())
         self.meta_optimizer = torch.optim.Adam(self.meta_params, lr=m.meta_lr, weight_decay=m.meta_weight_decay)
 
     # ---- weights --------------------------------------------------------------------------------------
     def _weights(self, v: Tensor, rows: Rows) -> tuple[Tensor, float]:
-        """Mean-1 weights u from VNet outputs v (see reweight.py), and the global Σ share·v (normalise only)."""
+        """Mean-1 weights u from VNet outputs v (`engine.rows`), and the global Σ share·v (normalise only)."""
         if not self.mcfg.normalise:
             return v, 0.0
         total = float(self.collective.sum((v.detach() * rows.share).sum().reshape(1).double()).item())
@@ -88,30 +84,17 @@ class MWNet(Method):
             return v * 0.0, total
         return v * (rows.share * rows.total / total), total
 
-    def weight_coefficients(self, x: Tensor, labels: Tensor, ce: Tensor, u: Tensor, rows: Rows,
-                            clean: Batch) -> tuple[Tensor, float]:
-        """(dL_clean(w')/du_i, the clean CE at w') for the look-ahead w' = w − lr·∇_w (r·Σ u_i ℓ_i).
+    def weight_coefficients(self, noisy: Batch, ce: Tensor, u: Tensor, clean: Batch) -> LookaheadResult:
+        """dL_clean(w')/du_i for the look-ahead w' = w − lr·∇_w (r·Σ u_i ℓ_i), and the clean CE at w'.
 
         `ce`: the per-sample losses of model(x) at the current weights, with graph (kept for the real step)."""
-        params, buffers = current_state(self.model)
-        lr = float(self.optimizer.param_groups[0]["lr"])
-        names = list(params)
-        lower = (u.detach() * ce).mean() if len(ce) else ce.sum()
-        grads = dict(zip(names, torch.autograd.grad(lower, [params[n] for n in names], retain_graph=True,
-                                                    allow_unused=True)))
-        grads = mean_gradient({n: torch.zeros_like(params[n]) if g is None else g for n, g in grads.items()},
-                              float(len(x)) * rows.share, self.collective)
-        ahead = virtual_step(params, grads, lr)
-        g_new, meta_loss = mean_clean_gradient(self.model, ahead, buffers, clean, self.collective)
-        tangent = {n: lr * g for n, g in g_new.items()}
-        if self.mcfg.meta_grad == "fast":
-            return -rows.r * lower_jvp(self.model, params, buffers, x, tangent, "weighted", labels), meta_loss
-        leaf = u.detach().clone().requires_grad_(True)
+        def lower(weights: Tensor) -> Tensor:
+            return (weights * ce).mean() if len(ce) else ce.sum()
 
-        def lower_fn(logits: Tensor) -> Tensor:
-            return rows.r * (leaf * F.cross_entropy(logits, labels, reduction="none")).sum()
-
-        return -exact_mixed_grads(self.model, params, buffers, x, lower_fn, [leaf], tangent)[0], meta_loss
+        return lookahead_meta_grad(self.model, self.optimizer, "weighted", noisy.x, lower, u, clean.x, clean.label,
+                                   step=Step.plain(first_group(self.optimizer).lr), labels=noisy.label,
+                                   weight=noisy.weight, clean_weight=clean.weight, collective=self.collective,
+                                   meta_grad=self.mcfg.meta_grad)
 
     def _vnet_step(self, v: Tensor, coeff: Tensor, rows: Rows, total: float) -> None:
         """Chain dL/du into VNet (through the normalisation, across workers), sum over workers, Adam step."""
@@ -121,25 +104,20 @@ class MWNet(Method):
             coeff = rows.total * rows.share / total * (coeff - t / total)
         self.meta_optimizer.zero_grad(set_to_none=False)
         torch.autograd.backward(v, coeff.to(v.dtype))
-        grads = [p.grad for p in self.meta_params]
-        if self.collective.distributed:
-            flat = self.collective.sum(torch.cat([g.reshape(-1) for g in grads]))
-            offset = 0
-            for g in grads:
-                g.copy_(flat[offset:offset + g.numel()].view_as(g))
-                offset += g.numel()
+        self.sum_grads_over_workers(self.meta_params)
         if rows.total > 0:
             self.meta_optimizer.step()
 
     # ---- one iteration --------------------------------------------------------------------------------
     def step(self, noisy: Batch, clean: Batch) -> dict[str, float]:
-        rows = rows_of(noisy, self.collective)
+        rows = rows_of(noisy.weight, len(noisy), self.collective)
         ce = F.cross_entropy(self.model(noisy.x), noisy.label, reduction="none")  # the real step's forward
         v = self.vnet(ce.detach())
         u, total = self._weights(v, rows)
         with self.meta_phase():
-            coeff, meta_loss = self.weight_coefficients(noisy.x, noisy.label, ce, u, rows, clean)
-            self._vnet_step(v, coeff, rows, total)
+            result = self.weight_coefficients(noisy, ce, u, clean)
+            self._vnet_step(v, result.grad_a, rows, total)
+        meta_loss = result.meta_loss
         with torch.no_grad():
             u_new, _ = self._weights(self.vnet(ce.detach()), rows)
         loss = (u_new * ce).mean() if len(ce) else ce.sum()

@@ -1,4 +1,4 @@
-"""Meta-learned soft labels (Vyas, Saxena & Voice, 2020; README "Learned labels").
+"""Meta-learned soft labels (Vyas, Saxena & Voice, 2020; README "Learned labels"; docs/methods/soft_labels.md).
 
 Algorithm 1, every step, labels first and then the model:
 
@@ -35,12 +35,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from metacorrect.checks import POSITIVE, UNIT_CLOSED, UNIT_OPEN, field_problems, one_of
-from metacorrect.config import MethodConfig
-from metacorrect.methods.base import Batch, Method
-from metacorrect.methods.label_table import LabelTable, mass_logits
-from metacorrect.methods.lookahead import labels_first_meta_grad
-from metacorrect.methods.metagrad import MODES, lower_loss
-from metacorrect.methods.mslg import LABEL_TABLE_FILE
+from metacorrect.methods.base import Batch, Capabilities, Method, MethodConfig, MethodContext
+from metacorrect.methods.engine import META_GRADS, Step, lookahead_meta_grad, lower_loss
+from metacorrect.methods.table import SampleTable, mass_logits
 
 SOFT_LABEL_MODES = ("class", "instance")
 
@@ -53,7 +50,7 @@ class SoftLabelsConfig(MethodConfig):
     alpha_init: float = 0.0  # class mode: initial smoothing α_c (paper: 0, i.e. the given one-hot labels)
     p0: float = 0.9  # instance mode: initial mass on the given label (paper grid 0.3 / 0.5 / 0.7 / 0.9)
     entropy_weighting: bool = False  # weight samples by 1 − H(label)/log C (the paper's noisy-setting curriculum)
-    meta_grad: str = "fast"  # fast (JVP) | exact (create_graph reference, one worker)
+    meta_grad: str = "fast"  # fast (JVP) | exact (double-backward reference)
 
     # Default sweep: the paper's grids (instance mode: p0 and the label lr; our lr scale, see README).
     search_space: ClassVar[dict[str, Any]] = {"method.p0": {"choice": [0.3, 0.5, 0.7, 0.9]},
@@ -62,7 +59,7 @@ class SoftLabelsConfig(MethodConfig):
     def validate(self) -> list[str]:
         return field_problems("method", self, {
             "mode": one_of(SOFT_LABEL_MODES), "label_lr": POSITIVE, "alpha_init": UNIT_CLOSED, "p0": UNIT_OPEN,
-            "meta_grad": one_of(MODES)})
+            "meta_grad": one_of(META_GRADS)})
 
 
 def smoothed_targets(alpha: Tensor, labels: Tensor, num_classes: int) -> Tensor:
@@ -80,26 +77,23 @@ def entropy_weights(targets: Tensor) -> Tensor:
     return w * (len(w) / w.sum().clamp_min(1e-12))
 
 
-class SoftLabels(Method):
-    name = "soft_labels"
-    config_class = SoftLabelsConfig
-
-    def __init__(self, cfg, model, optimizer, num_classes, num_noisy, collective, image_shape=None):
-        super().__init__(cfg, model, optimizer, num_classes, num_noisy, collective, image_shape)
-        p = next(model.parameters())
+class SoftLabels(Method, name="soft_labels", config=SoftLabelsConfig, capabilities=Capabilities(corrects_labels=True)):
+    def __init__(self, ctx: MethodContext):
+        super().__init__(ctx)
+        p = next(self.model.parameters())
         self.alpha: Tensor | None = None
-        self.table: LabelTable | None = None
         if self.mcfg.mode == "class":
-            self.alpha = torch.full((num_classes,), self.mcfg.alpha_init, device=p.device, dtype=p.dtype)
+            self.alpha = torch.full((self.num_classes,), self.mcfg.alpha_init, device=p.device, dtype=p.dtype)
         else:
-            self.table = LabelTable(num_noisy, num_classes, mass_logits(self.mcfg.p0), collective, p.device)
+            self.table = SampleTable("labels", self.num_noisy, self.collective, p.device,
+                                     num_classes=self.num_classes, init_row=mass_logits(self.mcfg.p0))
 
     # ---- labels ---------------------------------------------------------------------------------------
     def _parameters(self, noisy: Batch, real: bool) -> Tensor:
         """This step's label parameters as a fresh leaf: α (C,) or the batch's table rows (n, C)."""
         if self.alpha is not None:
             return self.alpha.detach().clone().requires_grad_(True)
-        rows = self.table.rows(noisy.ids, noisy.label) if real else torch.zeros(
+        rows = self.table.read(noisy.ids, noisy.label) if real else torch.zeros(
             len(noisy), self.num_classes, device=noisy.x.device)
         return rows.detach().requires_grad_(True)
 
@@ -121,9 +115,10 @@ class SoftLabels(Method):
             return lower_loss("soft_ce", logits, t)
 
         with self.meta_phase():
-            result = labels_first_meta_grad(self.model, self.optimizer, "soft_ce", noisy.x, lower, a, clean.x,
-                                            clean.label, weight=noisy.weight, clean_weight=clean.weight,
-                                            collective=self.collective, mode=m.meta_grad)
+            result = lookahead_meta_grad(self.model, self.optimizer, "soft_ce", noisy.x, lower, a, clean.x,
+                                         clean.label, step=Step.optimizer(), weight=noisy.weight,
+                                         clean_weight=clean.weight, collective=self.collective,
+                                         meta_grad=m.meta_grad)
             (grad,) = torch.autograd.grad(a, params, result.grad_a)
             with torch.no_grad():
                 if self.alpha is not None:
@@ -132,8 +127,7 @@ class SoftLabels(Method):
                     new_targets = smoothed_targets(self.alpha, noisy.label, self.num_classes)
                 else:
                     new_rows = params.detach() - m.label_lr * grad
-                    keep = slice(None) if real else slice(0, 0)
-                    self.table.update(noisy.ids[keep], new_rows[keep], noisy.label[keep])
+                    self.table.write(noisy.ids, new_rows, noisy.label, counts=real)
                     new_targets = F.softmax(new_rows, dim=1)
         if weights is not None:
             new_targets = new_targets * entropy_weights(new_targets).unsqueeze(1)
@@ -149,12 +143,7 @@ class SoftLabels(Method):
     def soft_labels(self, noisy: Batch) -> Tensor:
         if self.alpha is not None:
             return smoothed_targets(self.alpha, noisy.label, self.num_classes)
-        return F.softmax(self.table.rows(noisy.ids, noisy.label), dim=1)
-
-    def export_files(self) -> dict[str, bytes]:
-        if self.table is None:
-            return {}
-        return {LABEL_TABLE_FILE: self.table.to_parquet(lambda v: F.softmax(v, dim=1))}
+        return F.softmax(self.table.read(noisy.ids, noisy.label), dim=1)
 
     def state_dict(self) -> dict[str, Any]:
         if self.alpha is not None:

@@ -18,7 +18,7 @@ import torch
 
 from metacorrect.config import ExperimentConfig
 from metacorrect.datasets.contract import read_meta
-from metacorrect.methods import METHODS, Batch
+from metacorrect.methods import METHODS, Batch, MethodContext
 from metacorrect.methods.backbones import build_backbone
 from metacorrect.platform import checkpoint as ckpt
 from metacorrect.platform import quiet
@@ -80,8 +80,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     collective.sync_module_(model)
     optimizer, scheduler = make_optimizer(cfg, model)
     precision = step_precision(cfg.train.precision, device)
-    method = METHODS[cfg.method.name](cfg, model, optimizer, meta.num_classes, meta.counts["noisy_train"], collective,
-                                      image_shape=tuple(meta.image_shape))
+    method = METHODS[cfg.method.name](MethodContext(cfg, model, optimizer, meta.num_classes,
+                                                    meta.counts["noisy_train"], collective, tuple(meta.image_shape)))
 
     train = cfg.train
     monitor = _system_monitor(cfg, run, context)
@@ -144,7 +144,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             last = next(clean)  # shapes for a stand-in before this worker has had rows of its own
         method.start_epoch(epoch)
         window = StepWindow(started)
-        make_batch = (lambda raw: to_batch(raw, norm, cfg.data.augment, method.strong_views,
+        views = method.strong_views if method.capabilities.strong_views else 0
+        make_batch = (lambda raw: to_batch(raw, norm, cfg.data.augment, views,
                                            method.strong_augment)[0])
         method.model.train()
         checkpointed = at.global_step
@@ -183,7 +184,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                             last=epoch + 1 == train.epochs, measured=measured)
         metrics |= evaluated
         improved = False
-        for prefix in [""] + [f"{name}_" for name in method.eval_models()]:  # the student, then e.g. IEG's EMA
+        for prefix in [""] + [f"{name}_" for name in _eval_models(method)]:  # the student, then e.g. IEG's EMA
             if metrics.get(f"{prefix}val_accuracy", -1.0) > best.get(f"{prefix}best_val_accuracy", -1.0):
                 best |= {f"{prefix}best_val_accuracy": metrics[f"{prefix}val_accuracy"],
                          f"{prefix}test_at_best_val": metrics.get(f"{prefix}test_accuracy", math.nan),
@@ -291,6 +292,11 @@ class _IdTrace:
             self.file.close()
 
 
+def _eval_models(method) -> dict:
+    """The further models a method declares (e.g. IEG's EMA weights), evaluated beside the student."""
+    return method.eval_models() if method.capabilities.eval_models else {}
+
+
 def _evaluate_epoch(cfg: ExperimentConfig, method, meta, norm: Normaliser, collective: Collective, device,
                     rank: int, last: bool, measured: torch.Tensor | None = None
                     ) -> tuple[dict[str, float], dict[str, bytes]]:
@@ -300,7 +306,7 @@ def _evaluate_epoch(cfg: ExperimentConfig, method, meta, norm: Normaliser, colle
     metrics = evaluate(method.model, ray.train.get_dataset_shard("val"), norm, collective, batch_size, device, "val")
     metrics |= evaluate(method.model, ray.train.get_dataset_shard("test"), norm, collective, batch_size, device,
                         "test")
-    for name, model in method.eval_models().items():
+    for name, model in _eval_models(method).items():
         for split in ("val", "test"):
             metrics |= evaluate(model, ray.train.get_dataset_shard(split), norm, collective, batch_size, device,
                                 f"{name}_{split}")
@@ -319,7 +325,8 @@ def _evaluate_epoch(cfg: ExperimentConfig, method, meta, norm: Normaliser, colle
         split, counted = ("noisy_eval", measured) if last else ("noisy_known", None)
     noisy_metrics, corrected, weights = evaluate_noisy(
         method, ray.train.get_dataset_shard(split), norm, collective, batch_size, meta.num_classes, device,
-        corrected=method.corrects_labels, export=last, weights=method.weights_samples, counted=counted)
+        corrected=method.capabilities.corrects_labels, export=last, weights=method.capabilities.weighs_samples,
+        counted=counted)
     metrics |= noisy_metrics
     if corrected is not None and rank == 0:
         extras[ckpt.LABEL_TRANSITION_FILE] = json.dumps(corrected.confusion.tolist()).encode()

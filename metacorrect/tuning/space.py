@@ -5,7 +5,7 @@
     method.k: {choice: [1, 2, 5, 10]}          # one of the values, drawn at random (a bare list means the same)
     train.seed: {grid: [0, 1, 2]}              # every value, each combined with num_samples draws of the rest
     model.width: {randint: [16, 64]}           # integer, both bounds included
-    method.K: {lograndint: [1, 1000]}          # integer, log-uniform, both bounds included
+    method.logit_scale: {lograndint: [1, 1000]}  # integer, log-uniform, both bounds included
 
 Any field of the config can be searched by its dotted name (`ExperimentConfig.flat()` lists them). Each method
 declares its default space as `search_space` next to its config fields (`methods/*.py`).

@@ -2,7 +2,7 @@
 they beat erm, their learned labels recover the true class of more corrupted samples as training goes on
 (per-epoch MLflow metric), and the label table reaches MLflow with one row per noisy id. The shared 15-epoch
 runs of conftest's `digits_runs` (seed 0); the margins hold on each of 5 seeds (benchmarks/digits_accuracy.py,
-README "Accuracy on digits")."""
+docs/benchmarks.md "Accuracy on digits")."""
 from __future__ import annotations
 
 import pyarrow.parquet as pq
@@ -11,7 +11,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 METHODS = ("erm", "mslg", "soft_labels")
-SETTINGS = ("sym60",)  # and 40% symmetric noise in benchmarks/digits_accuracy.py (README "Accuracy on digits")
+SETTINGS = ("sym60",)  # and 40% symmetric noise in benchmarks/digits_accuracy.py (docs/benchmarks.md "Accuracy on digits")
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,9 @@
 """MLC and EMLC end to end (trainer, Ray Data, MLflow): 60% symmetric noise on digits, 10 clean images per class,
 the shared 15-epoch runs of conftest's `digits_runs` (seed 0, the loop in the driver).
 
-Accuracy claims are margins that benchmarks/digits_accuracy.py measured over 5 seeds (README "Accuracy on
+Accuracy claims are margins that benchmarks/digits_accuracy.py measured over 5 seeds (docs/benchmarks.md "Accuracy on
 digits"): over erm, the smallest margin of either method was +0.047; over clean_only they do not win on every
-seed, so that comparison is the README's (means over seeds), not an assertion on one run."""
+seed, so that comparison is docs/benchmarks.md's (means over seeds), not an assertion on one run."""
 from __future__ import annotations
 
 import pyarrow.parquet as pq

@@ -1,7 +1,7 @@
 """Two workers learn what one worker learns, at run level, for every method: the same config trained on two Ray
 Train workers and on one (the loop in the driver), 4 epochs of digits with 60% symmetric noise. The bounds are
 what run-to-run noise allows: `benchmarks/workers_agreement.py` measures, with the same settings, how far two
-one-worker runs of different seeds end apart, and the bounds below hold that with room (README "Workers").
+one-worker runs of different seeds end apart, and the bounds below hold that with room (docs/benchmarks.md).
 
 The two-worker erm and clean_only runs are also the check that a multi-worker run logs everything to MLflow, and
 the two-worker runs together the check that a finished run leaves no actor or placement group behind.
@@ -19,7 +19,7 @@ EPOCHS = WORKERS_EPOCHS
 # Bounds on |two workers - one worker| of each method's final test accuracy, corrected labels' accuracy and mean
 # weights of clean / corrupted samples: twice the largest difference that benchmarks/workers_agreement.py
 # measured at these settings (3 seeds, twice) between two one-worker runs of different seeds or between a
-# two-worker run and its one-worker run, at least 0.05 (README "Two workers and one"). Four epochs are early
+# two-worker run and its one-worker run, at least 0.05 (docs/runs.md, two workers and one). Four epochs are early
 # in training for the slow learners (IEG is at 0.3-0.65), whose bounds are correspondingly wide.
 BOUNDS = {
     "erm": {"test_accuracy": 0.05}, "clean_only": {"test_accuracy": 0.05},

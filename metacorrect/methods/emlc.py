@@ -1,4 +1,4 @@
-"""EMLC — Enhanced Meta Label Correction (Taraday & Baskin, 2023; README "Meta methods").
+"""EMLC — Enhanced Meta Label Correction (Taraday & Baskin, 2023; docs/methods/emlc.md).
 
 The teacher is independent of the student: its own backbone (feature extractor + classifier, same
 architecture as the student, built with `build_backbone` from the same model config), and a gate that

@@ -1,5 +1,5 @@
 """IEG — Distilling Effective Supervision from Severe Label Noise (Zhang et al., CVPR'20;
-README "IEG, MW-Net and L2RW"). The poster's Algorithm 1, per step on a noisy batch X_u and a probe (clean) batch X_p:
+docs/methods/ieg.md). The poster's Algorithm 1, per step on a noisy batch X_u and a probe (clean) batch X_p:
 
 1. Pseudo labels g(x): the student's predictions on the original view and K strongly augmented views (made by
    the platform on the worker: `Batch.views`), each logit tensor divided by its RMS (`logit_norm`), softmaxes

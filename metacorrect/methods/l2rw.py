@@ -1,4 +1,4 @@
-"""L2RW — Learning to Reweight Examples (Ren et al., ICML'18; README "IEG, MW-Net and L2RW").
+"""L2RW — Learning to Reweight Examples (Ren et al., ICML'18; docs/methods/l2rw.md).
 
 Per step, at the current weights w and with no meta-model:
 

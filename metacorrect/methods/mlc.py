@@ -1,4 +1,4 @@
-"""MLC — Meta Label Correction (Zheng, Awadallah & Dumais, AAAI'21; README "Meta methods").
+"""MLC — Meta Label Correction (Zheng, Awadallah & Dumais, AAAI'21; docs/methods/mlc.md).
 
 A label correction network (LCN) g_α(h(x), ỹ) turns the student's stop-gradient penultimate features and
 the noisy label into a soft label; the student trains on it (plus half of each clean batch with its hard
@@ -19,8 +19,8 @@ The look-ahead lr is the optimizer's current lr (not MLC's `get_lr()`, which is 
 
 Paper vs official code (both selectable):
 - LCN hidden size: paper 64 for images (`hidden_dim: 64`, default); `microsoft/MLC` hard-codes 128.
-- label embedding: paper (C, 128) (`embed_dim: 128`, default, = the README's `cls_dim 128`; argparse default 64).
-- k: paper Table 2 uses k = 5; the README's `gradient_steps` default is 1 (default here: 1).
+- label embedding: paper (C, 128) (`embed_dim: 128`, default, = the official code's `cls_dim 128`; argparse default 64).
+- k: paper Table 2 uses k = 5; the official code's `gradient_steps` default is 1 (default here: 1).
 - skip connection (`skip: true`): arXiv v1 §3.1 / the official `--skip`, not in the AAAI paper; the author's
   advice for real noise (issue #6). `alpha: null` learns a per-sample α_i (an extra LCN output, as the code
   does); a number fixes α.

@@ -1,4 +1,4 @@
-"""MSLG — Meta Soft Label Generation (Algan & Ulusoy, ICPR'20; README "Learned labels").
+"""MSLG — Meta Soft Label Generation (Algan & Ulusoy, ICPR'20; docs/methods/mslg.md).
 
 Per noisy sample a row of label logits y^d in the label table, initialised to logit_scale·onehot(ỹ) (the
 paper's K); the soft

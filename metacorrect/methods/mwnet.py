@@ -1,4 +1,4 @@
-"""MW-Net — Meta-Weight-Net (Shu et al., NeurIPS'19; README "IEG, MW-Net and L2RW").
+"""MW-Net — Meta-Weight-Net (Shu et al., NeurIPS'19; docs/methods/mwnet.md).
 
 A VNet (1 → hidden → 1, ReLU, sigmoid) maps each noisy sample's loss (detached) to its weight. Per step, in
 the paper's order (virtual step → VNet update → real step with the updated VNet):

@@ -1,4 +1,4 @@
-"""Meta-learned soft labels (Vyas, Saxena & Voice, 2020; README "Learned labels"; docs/methods/soft_labels.md).
+"""Meta-learned soft labels (Vyas, Saxena & Voice, 2020; docs/methods/soft_labels.md).
 
 Algorithm 1, every step, labels first and then the model:
 
@@ -52,7 +52,7 @@ class SoftLabelsConfig(MethodConfig):
     entropy_weighting: bool = False  # weight samples by 1 − H(label)/log C (the paper's noisy-setting curriculum)
     meta_grad: str = "fast"  # fast (JVP) | exact (double-backward reference)
 
-    # Default sweep: the paper's grids (instance mode: p0 and the label lr; our lr scale, see README).
+    # Default sweep: the paper's grids (instance mode: p0 and the label lr; our lr scale, see docs/methods/soft_labels.md).
     search_space: ClassVar[dict[str, Any]] = {"method.p0": {"choice": [0.3, 0.5, 0.7, 0.9]},
                                               "method.label_lr": {"loguniform": [25.0, 10000.0]}}
 

@@ -20,7 +20,7 @@ DEFAULT_DIR = "mlruns"
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 # The MLflow UI has no per-experiment default columns; its "share view" links (`?viewStateShareKey=KEY`) load a
 # table state stored as the experiment tag `mlflow.sharedViewState.KEY`. Every experiment gets one such view:
-# the researcher's columns (README/docs: "MLflow").
+# the researcher's columns (docs/mlflow.md).
 VIEW_KEY = "metacorrect"
 VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
 VIEW_COLUMNS = ([f"tags.`{t}`" for t in ("method", "noise_type", "noise_rate", "clean_size", "seed")]

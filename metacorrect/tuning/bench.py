@@ -92,11 +92,23 @@ class Suite:
         raw["train"]["seed"] = seed
         raw["tracking"]["run_name"] = None
         cfg = ExperimentConfig.from_dict(raw)
-        cfg = cfg.with_values({"data.path": str(self.data_root / cfg.data.resolved_path().name)})
+        cfg = cfg.with_values({"data.path": str(self.data_root / data_dir_name(cfg.data.prepare))})
         return cfg.with_values(entry.overrides) if entry.overrides else cfg
 
     def data_config(self, setting: Setting, seed: int):
         return self.trial_config(MethodEntry("", {"name": "erm"}), setting, seed).data
+
+
+def data_dir_name(prepare: PrepareConfig) -> str:
+    """The directory of one (setting, seed) data set: readable, and distinct for every distinct `data.prepare`
+    (so a data set prepared for other arguments is never reused)."""
+    import dataclasses
+    import hashlib
+
+    from metacorrect.config import DataConfig
+
+    key = hashlib.sha1(json.dumps(dataclasses.asdict(prepare), sort_keys=True).encode()).hexdigest()[:8]
+    return f"{DataConfig(prepare=prepare).resolved_path().name}-{key}"
 
 
 def trial_key(method: str, setting: str, seed: int) -> str:
@@ -228,7 +240,7 @@ def _setting_label(prepare: PrepareConfig, given: dict[str, Any]) -> str:
     from metacorrect.datasets.noise import parse_noise
 
     spec = parse_noise(prepare.noise)
-    label = "clean" if spec.is_clean else f"{spec.kind}{round(spec.rate * 100):d}"
+    label = "none" if spec.is_none else f"{spec.kind}{round(spec.rate * 100):d}"
     if "clean_per_class" in given:
         label += f"-c{prepare.clean_per_class}"
     return label

@@ -258,3 +258,44 @@ def test_a_killed_bench_resumes_without_rerunning_or_duplicating(ray_cluster, wo
     assert len(parents) == 1, "the resumed suite reuses its parent run"
     assert (result.leaderboard.summary()["seeds"] == 2).all()
     assert not any(math.isnan(v) for v in result.leaderboard.summary()["test_at_best_val_mean"])
+
+
+def test_leaderboard_from_child_runs_marks_the_best_and_lists_overrides(tmp_path):
+    """The leaderboard read back from MLflow (as `--report` does): mean ± std per cell, the best of each column in
+    bold, a cell with a missing seed counted, overrides listed, the CSV one row per (method, setting)."""
+    import pandas as pd
+
+    from metacorrect.platform import tracking
+    from metacorrect.tuning.bench import _log_parent_start, load_suite
+    from metacorrect.tuning.leaderboard import plot_leaderboard, read_leaderboard
+
+    uri = tracking.resolve_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    spec = load_suite(_suite(tmp_path, tmp_path, uri, "board", ["erm", {"name": "mlc", "overrides": {"optim.lr": 0.1}}],
+                             [{"noise": "symmetric:0.6", "label": "sym60"}, {"noise": "symmetric:0.4", "label": "sym40"}],
+                             [0, 1]))
+    parent, _ = tracking.start_run(uri, "board", "board", tmp_path / "parent", tags={"bench.role": "parent"})
+    _log_parent_start(uri, parent, spec)
+    scores = {("erm", "sym60"): [0.80, 0.90], ("mlc", "sym60"): [0.95, 0.97], ("erm", "sym40"): [0.93, 0.95],
+              ("mlc", "sym40"): [0.92]}  # mlc's seed 1 at sym40 failed
+    for (method, setting), values in scores.items():
+        for seed, value in enumerate(values):
+            run, _ = tracking.start_run(uri, "board", f"{method}-{setting}-seed{seed}", tmp_path / f"{method}{setting}{seed}",
+                                        tags={"mlflow.parentRunId": parent, "bench.method": method,
+                                              "bench.setting": setting, "bench.seed": str(seed)})
+            metrics = {"test_at_best_val": value, "test_accuracy": value - 0.01, "wall_s": 30.0}
+            tracking.log_metrics(uri, run, metrics | ({"corrected_accuracy": 0.8} if method == "mlc" else {}), step=1)
+            tracking.end_run(uri, run, "FINISHED")
+    failed, _ = tracking.start_run(uri, "board", "mlc-sym40-seed1", tmp_path / "failed",
+                                   tags={"mlflow.parentRunId": parent, "bench.method": "mlc", "bench.setting": "sym40",
+                                         "bench.seed": "1"})
+    tracking.end_run(uri, failed, "FAILED")
+
+    board = read_leaderboard(uri, parent)
+    text = board.to_markdown()
+    assert "| erm | 0.8500 ± 0.0707 | **0.9400 ± 0.0141** | 30 |" in text
+    assert "| mlc * | **0.9600 ± 0.0141** | 0.9200 (n=1) | 30 |" in text
+    assert "* mlc: optim.lr=0.1" in text and "0.8000 ± 0.0000" in text  # corrected labels: mlc alone
+    assert text.index("corrected-label accuracy") < text.index("* mlc: optim.lr=0.1")
+    csv = pd.read_csv(__import__("io").StringIO(board.to_csv()))
+    assert len(csv) == 4 and list(csv["seeds"]) == [2, 2, 2, 1]
+    assert set(plot_leaderboard(board)) == {"test_accuracy_vs_noise", "corrected_accuracy"}

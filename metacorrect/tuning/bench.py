@@ -459,6 +459,12 @@ def _tuner(context: BenchContext, trials: list[TrialSpec], concurrency: int, ben
     from metacorrect.tuning.leaderboard import make_progress
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's tables would interleave with our lines
+    from metacorrect.platform import quiet
+
+    if not quiet.verbose():  # "The `on_step_begin` operation took 0.6 s": the driver's own pace on a busy machine
+        import logging
+
+        logging.getLogger("ray.tune.utils.util").setLevel(logging.ERROR)
     trainable = tune.with_resources(tune.with_parameters(run_bench_trial, context=context), {"cpu": DRIVER_CPUS})
     if resume and tune.Tuner.can_restore(str(bench_dir)):
         return tune.Tuner.restore(str(bench_dir), trainable, resume_unfinished=True, resume_errored=True)

@@ -52,7 +52,7 @@ def export_predictions(cfg: ExperimentConfig, checkpoint_dir: str | Path, data_d
             rows = decode_batch({k: batch.column(k).to_numpy(zero_copy_only=False) for k in batch.schema.names},
                                 meta.encoding, tuple(meta.image_shape))
             with torch.no_grad():
-                logits = model(norm(torch.from_numpy(rows["image"])))
+                logits = model(norm(torch.from_numpy(np.array(rows["image"]))))  # a writable copy
             probs.append(torch.softmax(logits.double(), dim=1).float().numpy())
             ids.append(rows["id"])
             given.append(rows["label"])

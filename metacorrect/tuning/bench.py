@@ -408,7 +408,8 @@ def bench(suite: str | Path | dict[str, Any], resume: bool = False, overrides: l
     return result
 
 
-def report(suite: str | Path | dict[str, Any], overrides: list[str] | None = None, name: str | None = None) -> BenchResult:
+def report(suite: str | Path | dict[str, Any], overrides: list[str] | None = None,
+           name: str | None = None) -> BenchResult:
     """The leaderboard of a suite that ran (or is running), read back from MLflow; nothing is trained."""
     from metacorrect.platform import tracking
     from metacorrect.tuning.leaderboard import read_leaderboard

@@ -106,8 +106,8 @@ def read_leaderboard(uri: str, parent_id: str):
     methods, settings = json.loads(params["bench.methods"]), json.loads(params["bench.settings"])
     seeds = json.loads(params["bench.seeds"])
     plan = json.loads(parent.data.tags.get("bench.plan", "{}"))
-    children = c.search_runs([parent.info.experiment_id], max_results=10000,
-                             filter_string=f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'FINISHED'")
+    finished = f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'FINISHED'"
+    children = c.search_runs([parent.info.experiment_id], filter_string=finished, max_results=10000)
     rows = []
     for run in children:
         tags, metrics = run.data.tags, run.data.metrics

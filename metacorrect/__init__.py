@@ -5,6 +5,7 @@
     result = metacorrect.run("configs/digits_demo.yaml", ["method.name=clean_only"])
     sweep = metacorrect.sweep("configs/digits_mlc.yaml", num_samples=8)   # Ray Tune, MLflow parent run
     sweep.trials, sweep.best_config, sweep.save_best("best.yaml")
+    board = metacorrect.bench("configs/suites/digits-quick.yaml").leaderboard    # every method, one protocol
 """
 from __future__ import annotations
 
@@ -64,4 +65,11 @@ def sweep(config: ExperimentConfig | str | Path | dict[str, Any] | None = None,
     return _sweep(config, space, num_samples, **options)
 
 
-__all__ = ["ConfigError", "ExperimentConfig", "RunResult", "load_results", "run", "sweep"]
+def bench(suite, resume: bool = False, overrides=None, **options):
+    """Run a benchmark suite on Ray Tune, one leaderboard in MLflow (see `metacorrect.tuning.bench.bench`)."""
+    from metacorrect.tuning.bench import bench as _bench
+
+    return _bench(suite, resume, overrides, **options)
+
+
+__all__ = ["ConfigError", "ExperimentConfig", "RunResult", "bench", "load_results", "run", "sweep"]

@@ -1,4 +1,4 @@
-"""`metacorrect` command line: run, compare, sweep, submit, data prepare, data inspect."""
+"""`metacorrect` command line: run, compare, sweep, bench, submit, data prepare, data inspect."""
 from __future__ import annotations
 
 import argparse
@@ -13,9 +13,13 @@ from metacorrect.platform.quiet import VERBOSE_ENV  # light: Ray and MLflow are 
 EPILOG = """examples:
   metacorrect run configs/digits_demo.yaml
   metacorrect run configs/digits_demo.yaml --set method.name=clean_only --set train.epochs=5
+  metacorrect run configs/base/digits.yaml --method configs/methods/emlc.yaml
   metacorrect compare configs/digits_demo.yaml --methods erm,clean_only
   metacorrect sweep configs/digits_mlc.yaml --num-samples 8 --save-best best.yaml
   metacorrect sweep configs/digits_mlc.yaml --num-samples 8 --resume      # continue an interrupted sweep
+  metacorrect bench configs/suites/digits-quick.yaml           # every method, one protocol, one leaderboard
+  metacorrect bench configs/suites/digits.yaml --resume        # continue an interrupted suite
+  metacorrect bench configs/suites/digits.yaml --report        # re-print its leaderboard from MLflow
   metacorrect submit --address http://HEAD:8265 --follow -- run configs/digits_demo.yaml
   metacorrect data prepare digits --noise symmetric:0.6 --clean-per-class 10 --seed 0 --out data/digits-sym60
   metacorrect data inspect data/digits-sym60
@@ -50,6 +54,24 @@ def build_parser() -> argparse.ArgumentParser:
                            "resumes from its last checkpoint when started again.")
     add_config_args(p_run)
     p_run.add_argument("--name", help="run name (same name = resume); default: unique per run")
+    p_run.add_argument("--method", metavar="METHOD_FILE", help="a method file (e.g. configs/methods/emlc.yaml) "
+                       "whose method section replaces the config's")
+
+    p_bench = sub.add_parser(
+        "bench", help="run a benchmark suite: every method x setting x seed under one protocol, one leaderboard",
+        description="Run a benchmark suite (docs/benchmark-suites.md): one Ray Tune run whose trials are the "
+        "suite's (method, setting, seed) Ray Train runs, each (setting, seed) data set prepared once and shared, "
+        "one MLflow parent run with the leaderboard (mean ± std over seeds), plots and one child run per trial.")
+    p_bench.add_argument("suite", help="suite YAML (see configs/suites/)")
+    p_bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a field of the base experiment (every trial), e.g. train.epochs=5")
+    p_bench.add_argument("--resume", action="store_true", help="continue the suite: finished trials are kept, "
+                         "interrupted ones resume from their last checkpoint")
+    p_bench.add_argument("--report", action="store_true", help="print the leaderboard from MLflow; train nothing")
+    p_bench.add_argument("--name", help="run name of the suite (default: the suite's name)")
+    p_bench.add_argument("--max-concurrent", type=int, help="trials at a time (default: what the cluster fits)")
+    p_bench.add_argument("--quiet", action="store_true", help="no progress output")
+    p_bench.add_argument("--verbose", action="store_true", help="also show Ray's and MLflow's console notices")
 
     p_cmp = sub.add_parser("compare", help="run one config under several methods and print one table")
     add_config_args(p_cmp)
@@ -194,9 +216,12 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     if args.command == "submit":
         return _submit(args)
+    if args.command == "bench":
+        return _bench(args)
     from metacorrect.config import ExperimentConfig
 
-    cfg = ExperimentConfig.from_yaml(args.config, args.overrides)  # validates before anything starts
+    cfg = ExperimentConfig.from_yaml(args.config, args.overrides,  # validates before anything starts
+                                     method=getattr(args, "method", None))
     if args.command == "sweep":
         return _sweep(args, cfg)
     if args.command == "run" and args.name:
@@ -243,6 +268,24 @@ def _sweep(args: argparse.Namespace, cfg) -> int:
     if args.save_best and result.best_config is not None:
         print(f"best config written to {result.save_best(args.save_best)}")
     return 0 if result.best_config is not None else 1
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from metacorrect.platform.trainer import RunFailed
+    from metacorrect.tuning.bench import bench, report
+
+    if args.report:
+        print(report(args.suite, args.overrides, name=args.name))
+        return 0
+    try:
+        result = bench(args.suite, resume=args.resume, overrides=args.overrides,
+                       max_concurrent_trials=args.max_concurrent, name=args.name, progress=not args.quiet)
+    except RunFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print()
+    print(result)
+    return 1 if result.failed else 0
 
 
 def _submit(args: argparse.Namespace) -> int:

@@ -242,17 +242,14 @@ class ExperimentConfig:
         return cfg
 
     @classmethod
-    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
-        """Read a YAML file, apply `key=value` overrides, build and validate; raises ConfigError."""
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None,
+                  method: str | Path | None = None) -> ExperimentConfig:
+        """Read a YAML file (its `base:` files composed under it), apply `key=value` overrides, build and
+        validate; raises ConfigError. `method` names a method file (e.g. configs/methods/mlc.yaml) whose method
+        section replaces the config's."""
+        raw = read_config_yaml(path)
+        if method is not None:
+            raw["method"] = read_method_yaml(method)
         return cls.from_dict(apply_overrides(raw, overrides or []))
 
     def with_overrides(self, overrides: list[str]) -> ExperimentConfig:
@@ -321,6 +318,63 @@ class ExperimentConfig:
 
 
 # ---- helpers ------------------------------------------------------------------------------------
+def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """A YAML file holding a mapping at the top level; one-line ConfigError naming the file otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: {what} not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return raw
+
+
+def read_config_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file as a raw mapping. `base: FILE` (relative to the file) composes it over FILE: every section
+    of the file replaces the base's field by field, and the method section replaces the base's as a whole (the
+    fields of one method mean nothing to another)."""
+    path = Path(path)
+    raw = read_yaml_mapping(path)
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base: expected the path of a config file, got {base!r}")
+    base_path = (path.parent / base).resolve()
+    if base_path in _seen:
+        raise ConfigError(f"{path}: base: {base} includes itself")
+    merged = read_config_yaml(base_path, (*_seen, path.resolve()))
+    method = raw.pop("method", None)
+    merged = _merge(merged, raw)
+    if method is not None:
+        merged["method"] = method
+    return merged
+
+
+def read_method_yaml(path: str | Path) -> dict[str, Any]:
+    """The method section of a method file (`method: {name: ..., ...}`, the form under configs/methods/)."""
+    raw = read_yaml_mapping(path, "method file")
+    extra = sorted(set(raw) - {"method"})
+    if extra or not isinstance(raw.get("method"), (dict, str)):
+        raise ConfigError(f"{path}: a method file holds one section, method: (with at least name:)"
+                          + (f"; found {', '.join(extra)}" if extra else ""))
+    method = raw["method"]
+    return {"name": method} if isinstance(method, str) else dict(method)
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = _deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = _deepcopy(value)
+    return out
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `a.b.c=value` strings; values are parsed as YAML scalars/lists ("0.1", "true", "[1,2]")."""
     raw = _deepcopy(raw)

@@ -18,6 +18,12 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # tests share the benchmarks' settings
 
 
+def pytest_collection_modifyitems(session, config, items) -> None:
+    """Tests that need no Ray first, each file's order kept: several check that a bad input is refused before
+    Ray starts (`ray.is_initialized()` in this process), which the session's cluster, once up, would hide."""
+    items.sort(key=lambda item: "ray_cluster" in getattr(item, "fixturenames", ()))
+
+
 @pytest.fixture
 def float64_one_thread():
     """float64 for tight tolerances; one intra-op thread (tiny models, and the CI box has 2 cores)."""

@@ -28,7 +28,8 @@ ROUTINE = {
 def _run(args: list[str], sets: list[str]) -> str:
     """`metacorrect run configs/digits_demo.yaml ARGS` in a process and on a Ray cluster of its own, with the
     project's Ray settings (not the test session's); its console, colours removed."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_TRAIN_")}
+    # RAY_AUTH_MODE too: the session's own cluster sets it in this process once it has started.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_TRAIN_") and k != "RAY_AUTH_MODE"}
     env |= {"RAY_ADDRESS": "local", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-m", "metacorrect", "run", "configs/digits_demo.yaml", *args,
                            *[a for s in sets for a in ("--set", s)]],

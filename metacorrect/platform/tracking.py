@@ -212,6 +212,22 @@ def end_run_if_running(uri: str, run_id: str, status: str) -> None:
         c.set_terminated(run_id, status=status)
 
 
+@contextlib.contextmanager
+def parent_closed_on_failure(uri: str, parent_id: str) -> Iterator[None]:
+    """A sweep's or bench's driver: an interrupt closes the parent and every child still RUNNING as KILLED (a
+    `--resume` reopens them), any other error as FAILED; the exception propagates."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        end_open_children(uri, parent_id, "KILLED")
+        end_run(uri, parent_id, "KILLED")
+        raise
+    except Exception:
+        end_open_children(uri, parent_id, "FAILED")
+        end_run(uri, parent_id, "FAILED")
+        raise
+
+
 def end_open_children(uri: str, parent_id: str, status: str) -> int:
     """Close the still-RUNNING child runs of `parent_id` (a sweep interrupted or failed): none is left RUNNING,
     and a resume reopens each one. Returns how many were closed."""

@@ -382,18 +382,10 @@ def bench(suite: str | Path | dict[str, Any], resume: bool = False, overrides: l
               f"{len(spec.settings)} setting(s) x {len(spec.seeds)} seed(s) = {len(trials)} trials, "
               f"{spec.base.train.epochs} epochs each; up to {concurrency} at a time, each {r.num_workers} "
               f"worker(s) x {per_worker} CPU" + (f" + {r.gpus_per_worker} GPU" if r.use_gpu else ""), flush=True)
-    try:
+    with tracking.parent_closed_on_failure(uri, parent_id):
         grid = _tuner(context, trials, concurrency, bench_dir, resume, progress).fit()
         failed = sorted(r.config.get("trial") for r in grid if r.error)
         tracking.end_open_children(uri, parent_id, "FAILED")  # trials that died before closing their run
-    except KeyboardInterrupt:  # `--resume` reopens the parent and each unfinished child
-        tracking.end_open_children(uri, parent_id, "KILLED")
-        tracking.end_run(uri, parent_id, "KILLED")
-        raise
-    except Exception:
-        tracking.end_open_children(uri, parent_id, "FAILED")
-        tracking.end_run(uri, parent_id, "FAILED")
-        raise
     from metacorrect.tuning.leaderboard import log_leaderboard, read_leaderboard
 
     board = read_leaderboard(uri, parent_id)

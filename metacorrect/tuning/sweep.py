@@ -158,17 +158,9 @@ def sweep(config: ExperimentConfig | str | Path | dict[str, Any] | None = None,
 
     context = TrialContext(config=trial_cfg.to_dict(), data_dir=str(data_dir), tracking_uri=uri,
                            parent_run_id=parent_id, sweep_name=name, trial_storage=str(sweep_dir / TRIAL_RUNS))
-    try:
+    with tracking.parent_closed_on_failure(uri, parent_id):
         grid = _tuner(context, searched_space, options, base, concurrency, sweep_dir, resume, progress).fit()
         result = _collect(grid, base, searched_space, options, name, sweep_dir, data_dir, uri, parent_id, started)
-    except KeyboardInterrupt:  # `--resume` reopens the parent and each unfinished child
-        tracking.end_open_children(uri, parent_id, "KILLED")
-        tracking.end_run(uri, parent_id, "KILLED")
-        raise
-    except Exception:
-        tracking.end_open_children(uri, parent_id, "FAILED")
-        tracking.end_run(uri, parent_id, "FAILED")
-        raise
     _log_parent_end(result, searched_space, base)
     return result
 

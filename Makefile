@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 .PHONY: run test docs install clean-runs help
 
 help:
-	@echo "make run    - install into $(VENV) if needed, train erm and clean_only on noisy digits, print results"
+	@echo "make run    - install into $(VENV) if needed, benchmark every method and both baselines on noisy digits (one seed, one budget), print the leaderboard"
 	@echo "make test   - install into $(VENV) if needed, run the whole test suite"
 	@echo "make docs   - install into $(VENV) if needed, build the docs site into site/ (warnings are errors)"
 
@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 install: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/metacorrect compare configs/digits_demo.yaml --methods erm,clean_only
+	$(BIN)/metacorrect bench configs/suites/digits-quick.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -10,6 +10,7 @@ from metacorrect.platform import quiet
 from metacorrect.platform.workers import SETUP_HOOK
 
 PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+WORKER_STARTUP = "RAY_worker_maximum_startup_concurrency"  # read by the raylet this process starts
 
 
 def ensure_ray() -> None:
@@ -30,6 +31,10 @@ def ensure_ray() -> None:
             if PREEMPTION_WATCHER not in os.environ:
                 env[PREEMPTION_WATCHER] = "0"
             quiet.quiet_local_cluster_start()
+            # A bench or sweep runs trials side by side, each a trainer, a controller and data actors with
+            # fractional CPUs; on a small machine the raylet then warns on the console, once every 4x its
+            # start-up concurrency (its CPU count) in worker processes, about a workload that is intended.
+            os.environ.setdefault(WORKER_STARTUP, str(max(8, os.cpu_count() or 1)))
         # Inside a Ray job, Ray refuses a driver runtime_env that names the job's env vars again.
         env = {k: v for k, v in env.items() if k not in (job_runtime_env().get("env_vars") or {})}
         os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")

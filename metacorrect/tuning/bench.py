@@ -80,9 +80,11 @@ class Suite:
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def trials(self) -> list[TrialSpec]:
-        """Every (method, setting, seed), its full config (validated when the suite was loaded)."""
+        """Every (method, setting, seed), its full config (validated when the suite was loaded). Seed-major:
+        trials start in this order, so a suite stopped part-way has whole seeds (every method on every setting),
+        which the leaderboard can compare, rather than a few methods on every seed."""
         return [TrialSpec(trial_key(m.label, s.label, seed), m.label, s.label, seed, self.trial_config(m, s, seed))
-                for m in self.methods for s in self.settings for seed in self.seeds]
+                for seed in self.seeds for s in self.settings for m in self.methods]
 
     def trial_config(self, entry: MethodEntry, setting: Setting, seed: int) -> ExperimentConfig:
         raw = self.base.to_dict()

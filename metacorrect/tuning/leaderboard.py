@@ -113,8 +113,8 @@ def read_leaderboard(uri: str, parent_id: str):
         tags, metrics = run.data.tags, run.data.metrics
         rows.append({"method": tags.get("bench.method"), "setting": tags.get("bench.setting"),
                      "seed": int(tags.get("bench.seed", -1)), "label_digest": tags.get("bench.label_digest"),
-                     **{m: metrics.get(m, math.nan) for m, _ in TABLES}, "wall_s": metrics.get("wall_s", math.nan),
-                     "epochs": metrics.get("epoch", math.nan), "mlflow_run_id": run.info.run_id,
+                     **{m: metrics.get(m, math.nan) for m, _ in TABLES}, "wall_s": _bookkeeping(run, "wall_s"),
+                     "epochs": _bookkeeping(run, "epoch"), "mlflow_run_id": run.info.run_id,
                      "run_name": run.info.run_name})
     trials = pd.DataFrame(rows, columns=["method", "setting", "seed", "label_digest", *(m for m, _ in TABLES),
                                          "wall_s", "epochs", "mlflow_run_id", "run_name"])
@@ -240,3 +240,10 @@ def make_progress(num_trials: int, enabled: bool = True):
 def _duration(seconds: float) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
+
+
+def _bookkeeping(run: Any, key: str) -> float:
+    """A counter or timing of a finished run: a tag (`run_layout.BOOKKEEPING`); a metric in older records."""
+    if key in run.data.tags:
+        return float(run.data.tags[key])
+    return run.data.metrics.get(key, math.nan)

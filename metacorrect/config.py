@@ -335,9 +335,12 @@ def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, 
 def read_config_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """A config file as a raw mapping. `base: FILE` (relative to the file) composes it over FILE: every section
     of the file replaces the base's field by field, and the method section replaces the base's as a whole (the
-    fields of one method mean nothing to another)."""
+    fields of one method mean nothing to another). `method: FILE.yaml` (relative to the file) takes the method
+    section of a method file (the form under configs/methods/)."""
     path = Path(path)
     raw = read_yaml_mapping(path)
+    if isinstance(raw.get("method"), str) and raw["method"].endswith((".yaml", ".yml")):
+        raw["method"] = read_method_yaml(path.parent / raw["method"])
     base = raw.pop("base", None)
     if base is None:
         return raw

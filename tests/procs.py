@@ -66,3 +66,27 @@ def stop_group(pgid: int) -> None:
             except ProcessLookupError:
                 return
             time.sleep(0.2)
+
+
+def kill_cli_after_line(args: list[str], gcs_address: str, marker: Callable[[str], str | None],
+                        timeout: float = 300) -> str:
+    """`python -m metacorrect ARGS` on the session's cluster (`gcs_address`), its output read line by line;
+    when `marker(line)` returns a value, the driver's whole process group is SIGKILLed (as on a crash) and the
+    value returned. Fails, printing the last lines, if no line matches in `timeout` seconds."""
+    env = os.environ | {"RAY_ADDRESS": gcs_address, "PYTHONPATH": str(ROOT)}
+    driver = subprocess.Popen([sys.executable, "-m", "metacorrect", *args], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    found, lines = None, []
+    try:
+        deadline = time.time() + timeout
+        for line in driver.stdout:
+            lines.append(line)
+            found = marker(line)
+            if found:
+                break
+            assert time.time() < deadline, "no line matched in time:\n" + "".join(lines[-30:])
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    assert found, "".join(lines[-30:])
+    return found

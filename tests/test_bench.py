@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
 from metacorrect.config import ConfigError, ExperimentConfig
+from procs import kill_cli_after_line
 
 ROOT = Path(__file__).resolve().parents[1]
 METHOD_FILES = sorted((ROOT / "configs" / "methods").glob("*.yaml"))
@@ -42,14 +38,16 @@ def _children(uri, parent_id):
 
 # ---- method files and suite files (no Ray) --------------------------------------------------------------------
 def test_method_files_compose_with_the_base_into_the_digits_configs():
-    """configs/methods/*.yaml hold the method section of configs/digits_<method>.yaml; composed with
-    configs/base/digits.yaml (`run --method`) they give the same method, data, model and optimizer."""
+    """configs/methods/*.yaml hold each method's digits defaults once: configs/digits_<method>.yaml take their method
+    section from them (`method: FILE`, no copy to drift), and composed with configs/base/digits.yaml (`run
+    --method`) they give the same method, data, model and optimizer as the method's demo config."""
     assert {p.stem for p in METHOD_FILES} == {"erm", "clean_only", "mlc", "emlc", "mslg", "soft_labels", "ieg",
                                               "mwnet", "l2rw"}
     for path in METHOD_FILES:
         composed = ExperimentConfig.from_yaml(ROOT / "configs/base/digits.yaml", method=path)
         old = ROOT / "configs" / f"digits_{path.stem}.yaml"
         if old.is_file():
+            assert yaml.safe_load(old.read_text())["method"] == f"methods/{path.stem}.yaml", old
             full = ExperimentConfig.from_yaml(old)
             assert composed.method == full.method, path.stem
             for section in ("model", "optim"):
@@ -65,6 +63,13 @@ def test_base_key_composes_a_config_over_another(tmp_path):
     (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
     with pytest.raises(ConfigError, match="includes itself"):
         ExperimentConfig.from_yaml(tmp_path / "loop.yaml")
+    (tmp_path / "with-file.yaml").write_text(f"base: {ROOT}/configs/base/digits.yaml\nmethod: {ROOT}/configs/methods/"
+                                             "mlc.yaml\ntrain: {epochs: 3}\n")
+    cfg = ExperimentConfig.from_yaml(tmp_path / "with-file.yaml", ["method.k=2"])
+    assert (cfg.method.name, cfg.method.k, cfg.method.meta_lr, cfg.train.epochs) == ("mlc", 2, 0.001, 3)
+    (tmp_path / "no-file.yaml").write_text("method: methods/nope.yaml\n")
+    with pytest.raises(ConfigError, match=r"methods/nope.yaml: method file not found"):
+        ExperimentConfig.from_yaml(tmp_path / "no-file.yaml")
     (tmp_path / "bad.yaml").write_text("method: {name: mlc}\ntrain: {epochs: 3}\n")
     with pytest.raises(ConfigError, match="a method file holds one section"):
         ExperimentConfig.from_yaml(ROOT / "configs/base/digits.yaml", method=tmp_path / "bad.yaml")
@@ -221,23 +226,11 @@ def test_a_killed_bench_resumes_without_rerunning_or_duplicating(ray_cluster, wo
                  [{"noise": "symmetric:0.6", "label": "sym60"}], [0, 1])
     path = tmp_path / "suite.yaml"
     path.write_text(yaml.safe_dump(raw))
-    command = [sys.executable, "-m", "metacorrect", "bench", str(path), "--max-concurrent", "1"]
-    env = os.environ | {"RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address, "PYTHONPATH": str(ROOT)}
-    driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                              start_new_session=True)
-    finished, lines = None, []
-    try:
-        deadline = time.time() + 300
-        for line in driver.stdout:
-            lines.append(line)
-            if line.startswith("[bench] ") and " finished: " in line:
-                finished = line.split()[1]
-                break
-            assert time.time() < deadline, "no trial finished in time:\n" + "".join(lines[-30:])
-    finally:
-        os.killpg(driver.pid, signal.SIGKILL)  # the driver dies mid-suite, as on a crash
-        driver.wait()
-    assert finished, "".join(lines[-30:])
+    # the driver dies mid-suite, as on a crash, once the first trial has finished
+    finished = kill_cli_after_line(["bench", str(path), "--max-concurrent", "1"],
+                                   ray_cluster.get_runtime_context().gcs_address,
+                                   lambda line: line.split()[1] if line.startswith("[bench] ") and " finished: " in line
+                                   else None)
 
     bench_dir = workdir / "benches" / "bench-killed"
     run_dir = bench_dir / "trial_runs" / finished

@@ -135,6 +135,14 @@ def test_submit_names_every_path_the_job_would_lose_with_its_working_directory(m
     assert ephemeral_state(["sweep", "configs/digits_mlc.yaml", *shared], ROOT,
                            {"MLFLOW_TRACKING_URI": "http://tracking:5000"}) == []
     assert ephemeral_state(["data", "inspect", "/shared/data/digits"], ROOT, {}) == []
+    # `run --method FILE` is checked as it will run: a bad method file fails here, before anything is sent
+    with pytest.raises(ConfigError, match="method file not found"):
+        ephemeral_state(["run", "configs/base/digits.yaml", "--method", "configs/methods/nope.yaml"], ROOT, {})
+    assert len(ephemeral_state(["run", "configs/base/digits.yaml", "--method", "configs/methods/mlc.yaml"], ROOT, {})) == 3
+    # a suite: its base's storage and store, and where it prepares its data sets (data_root as written)
+    bench = ephemeral_state(["bench", "configs/suites/digits-quick.yaml", "--set", "tracking.storage_path=/shared/runs"],
+                            ROOT, {"MLFLOW_TRACKING_URI": "http://tracking:5000"})
+    assert len(bench) == 1 and bench[0].startswith("data_root 'data': ") and "in the suite file" in bench[0], bench
     # The warning comes before anything is sent (here to an address where nothing answers: exit 2).
     assert cli.main(["submit", "--address", "http://127.0.0.1:9", "--", "run", "configs/digits_demo.yaml"]) == 2
     err = capsys.readouterr().err.splitlines()

@@ -25,6 +25,9 @@ FIELDS = {"mslg": {"warmup_epochs": 0, "label_lr": 50.0}, "soft_labels": {"label
 RESUME_K = {"mlc": 3, "emlc": 2}  # resume between meta steps: snapshots / MLC's accumulation pending
 NAMES = sorted(METHODS)
 META_NAMES = [n for n in NAMES if "meta_grad" in {f.name for f in dataclasses.fields(METHODS[n].config_class)}]
+# Methods with `mix_clean` also pass the contract with it switched from its default (half of each clean batch
+# then trains the student, the other half is the meta batch).
+MIXES = {n: not f.default for n in NAMES for f in dataclasses.fields(METHODS[n].config_class) if f.name == "mix_clean"}
 
 
 @pytest.fixture(autouse=True)
@@ -45,15 +48,20 @@ def test_every_method_is_in_the_contract():
     assert set(META_NAMES) == set(NAMES) - {"erm", "clean_only"}
 
 
-@pytest.mark.parametrize("name", META_NAMES)
-def test_fast_equals_exact_at_k1(name):
+def test_mix_clean_is_offered_by_every_method_that_learns_from_a_look_ahead():
+    assert set(MIXES) == set(META_NAMES) - {"ieg"}  # IEG's loss has its own clean term (Algorithm 1)
+
+
+@pytest.mark.parametrize("name,extra", [(n, {}) for n in META_NAMES] + [(n, {"mix_clean": m}) for n, m in MIXES.items()],
+                         ids=lambda v: v if isinstance(v, str) else "-".join(f"{k}={x}" for k, x in v.items()) or "default")
+def test_fast_equals_exact_at_k1(name, extra):
     states = {}
     for mode in ("fast", "exact"):
-        method = make(name, meta_grad=mode)
+        method = make(name, meta_grad=mode, **extra)
         run_steps(method, data(1, 3))
         states[mode] = learned_state(method)
     torch.testing.assert_close(states["fast"], states["exact"], rtol=1e-7, atol=1e-10)
-    assert not torch.equal(states["fast"], learned_state(make(name)))
+    assert not torch.equal(states["fast"], learned_state(make(name, **extra)))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -102,17 +110,21 @@ def _ieg_coefficients(method, rank: int, stand_in: bool) -> torch.Tensor:
     return torch.stack([co.grad_weight, co.weight, co.mix])
 
 
+VARIANTS = [(n, ()) for n in NAMES] + [(n, (("mix_clean", m),)) for n, m in MIXES.items()]
+
+
 def _two_worker_results(rank: int, collective) -> dict:
     out = {}
-    for name in NAMES:
+    for name, extra in VARIANTS:
         for stand_in in (False, True):
-            method = make(name, arch="mlp", seed=3, collective=collective)  # no batch norm: halves == the whole
+            # no batch norm: halves == the whole
+            method = make(name, arch="mlp", seed=3, collective=collective, **dict(extra))
             if name == "ieg":
-                out[name, stand_in] = _ieg_coefficients(method, rank, stand_in)
+                out[name, extra, stand_in] = _ieg_coefficients(method, rank, stand_in)
                 continue
             for _ in range(2):
                 method.step(*_halves(rank, stand_in, name))
-            out[name, stand_in] = learned_state(method)
+            out[name, extra, stand_in] = learned_state(method)
     return out
 
 
@@ -120,18 +132,19 @@ def test_two_workers_equal_one_worker_and_stand_ins_count_for_nothing(tmp_path):
     """Rank 1 in a spawned process, rank 0 here (gloo, file rendezvous)."""
     ranks = run_two_ranks(_two_worker_results, tmp_path)
     single = _two_worker_results(-1, Collective())
-    for name in NAMES:
-        whole, left_out = single[name, False], single[name, True]
+    for name, extra in VARIANTS:
+        whole, left_out = single[name, extra, False], single[name, extra, True]
         if name == "ieg":  # the first four rows' coefficients, with and without the other four in the look-ahead
             whole = whole[:, :4]
         assert not torch.allclose(whole, left_out), f"{name}: stand-in rows not left out"
         for stand_in in (False, True):
-            want = single[name, stand_in]
+            want = single[name, extra, stand_in]
             if name == "ieg":  # each rank holds its rows of the whole batch's coefficients
-                parts = [ranks[0][name, stand_in]] + ([] if stand_in else [ranks[1][name, stand_in]])
+                parts = [ranks[0][name, extra, stand_in]] + ([] if stand_in else [ranks[1][name, extra, stand_in]])
                 got = [torch.cat(parts, dim=1)]
             else:
-                got = [rank[name, stand_in] for rank in ranks]
-                assert torch.equal(got[0], got[1]), f"{name}: replicas differ"
+                got = [rank[name, extra, stand_in] for rank in ranks]
+                assert torch.equal(got[0], got[1]), f"{name} {extra}: replicas differ"
             for g in got:
-                torch.testing.assert_close(g, want, rtol=1e-9, atol=1e-12, msg=lambda m: f"{name}, {stand_in}: {m}")
+                torch.testing.assert_close(g, want, rtol=1e-9, atol=1e-12,
+                                           msg=lambda m: f"{name} {extra}, {stand_in}: {m}")

@@ -1,17 +1,13 @@
 """Sweeps: search spaces, a real Ray Tune sweep of Ray Train trials with ASHA, nested MLflow runs, resume."""
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
 from metacorrect.config import ConfigError, ExperimentConfig
+from procs import kill_cli_after_line
 
 SPACE = {"optim.lr": {"loguniform": [0.01, 0.2]}, "train.seed": {"grid": [0, 1]}}
 
@@ -212,25 +208,12 @@ def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(
     cfg.to_yaml(config_file)
     space = {"optim.lr": {"loguniform": [0.01, 0.2]}}
     space_file.write_text(yaml.safe_dump(space))
-    command = [sys.executable, "-m", "metacorrect", "sweep", str(config_file), "--space", str(space_file),
-               "--num-samples", "2", "--max-concurrent", "1", "--scheduler", "fifo", "--name", "killed"]
-    env = os.environ | {"RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address,
-                        "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                              start_new_session=True)
-    finished, lines = None, []
-    try:
-        deadline = time.time() + 300
-        for line in driver.stdout:
-            lines.append(line)
-            if line.startswith("[sweep] trial ") and " finished" in line:
-                finished = line.split()[2]
-                break
-            assert time.time() < deadline, "no trial finished in time:\n" + "".join(lines[-30:])
-    finally:
-        os.killpg(driver.pid, signal.SIGKILL)  # the driver dies mid-sweep, as on a crash
-        driver.wait()
-    assert finished, "".join(lines[-30:])
+    # the driver dies mid-sweep, as on a crash, once the first trial has finished
+    finished = kill_cli_after_line(["sweep", str(config_file), "--space", str(space_file), "--num-samples", "2",
+                                    "--max-concurrent", "1", "--scheduler", "fifo", "--name", "killed"],
+                                   ray_cluster.get_runtime_context().gcs_address,
+                                   lambda line: line.split()[2] if line.startswith("[sweep] trial ") and " finished" in line
+                                   else None)
 
     run_dir = workdir / "sweeps" / "killed" / "trial_runs" / f"trial-{finished}"
     client = MlflowClient(tracking_uri)

@@ -179,6 +179,20 @@ class Method:
         self.collective.weighted_mean_(grads_of(self.model), weight)
         self.optimizer.step()
 
+    def split_clean(self, clean: Batch) -> tuple[Batch, Batch | None]:
+        """(meta batch, training half or None): with the method's `mix_clean` on, half of the clean batch joins
+        the student's loss (`student_step`) and the other half is the meta batch."""
+        return split_clean(clean, bool(getattr(self.mcfg, "mix_clean", False)))
+
+    def student_step(self, loss: Tensor, noisy_weight: float, train: Batch | None) -> Tensor:
+        """The real step on `loss` (the method's loss on the noisy rows), joined by the cross-entropy of the clean
+        batch's training half when there is one (`split_clean`), each part in proportion to the rows that count.
+        Returns the loss stepped on."""
+        clean_ce = F.cross_entropy(self.model(train.x), train.label) if train is not None else None
+        total, weight, _ = student_loss(loss, noisy_weight, clean_ce, train.weight if train is not None else 0.0)
+        self.optimizer_step(total, weight)
+        return total
+
     def sum_grads_over_workers(self, params: list[Tensor]) -> None:
         """Shared meta-parameters: each worker's .grad replaced by the sum over workers (one all-reduce)."""
         if not self.collective.distributed:

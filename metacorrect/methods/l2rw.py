@@ -38,6 +38,9 @@ from metacorrect.methods.table import SampleTable
 class L2RWConfig(MethodConfig):
     name: str = "l2rw"
     meta_grad: str = "fast"  # fast (JVP of the per-sample losses) | exact (double backward, the reference)
+    # half of each clean batch joins the student's loss, half is the meta batch (not in the paper: on a small data
+    # set the clean images then teach the student directly as well as steer it; MLC's official code does it)
+    mix_clean: bool = False
 
     def validate(self) -> list[str]:
         return field_problems("method", self, {"meta_grad": one_of(META_GRADS)})
@@ -61,12 +64,12 @@ class L2RW(Method, name="l2rw", config=L2RWConfig, capabilities=Capabilities(wei
         return normalised_weights(-result.grad_a, result.rows, self.collective), result.rows, result.meta_loss
 
     def step(self, noisy: Batch, clean: Batch) -> dict[str, float]:
+        meta, train = self.split_clean(clean)
         with self.meta_phase():
-            u, rows, clean_loss = self.example_weights(noisy, clean)
+            u, rows, clean_loss = self.example_weights(noisy, meta)
         self.table.write(noisy.ids, u, noisy.label, counts=rows.counts)
         ce = F.cross_entropy(self.model(noisy.x), noisy.label, reduction="none")
-        loss = (u * ce).mean() if len(ce) else ce.sum()
-        self.optimizer_step(loss, noisy.weight)
+        loss = self.student_step((u * ce).mean() if len(ce) else ce.sum(), noisy.weight, train)
         return {"train_loss": float(loss.detach()), "noisy_loss": float(ce.detach().mean()),
                 "clean_loss": clean_loss, "meta_loss": clean_loss,
                 "weight_zero_fraction": float((u == 0).double().mean()) if len(u) else 0.0}

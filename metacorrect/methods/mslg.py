@@ -48,6 +48,9 @@ class MSLGConfig(MethodConfig):
     gamma: float = 1.0  # weight of the entropy term L_e (official 1)
     warmup_epochs: int = 1  # epochs of plain CE on the noisy labels first (official: 44 of 120 CIFAR-10, 1 Clothing1M)
     meta_grad: str = "fast"  # fast (JVP) | exact (double-backward reference)
+    # half of each clean batch joins the student's loss, half is the meta batch (not in the paper: on a small data
+    # set the clean images then teach the student directly as well as steer it; MLC's official code does it)
+    mix_clean: bool = False
 
     # Default sweep: the label-logit scale (the paper's K) and the label step (the official code fixes both per data set).
     search_space: ClassVar[dict[str, Any]] = {"method.logit_scale": {"loguniform": [1.0, 1000.0]},
@@ -76,9 +79,10 @@ class MSLG(Method, name="mslg", config=MSLGConfig, capabilities=Capabilities(cor
         return self.epoch < self.mcfg.warmup_epochs
 
     def step(self, noisy: Batch, clean: Batch) -> dict[str, float]:
+        meta, train = self.split_clean(clean)
         if self.warming_up:
             loss = F.cross_entropy(self.model(noisy.x), noisy.label) if len(noisy) else noisy.x.sum() * 0.0
-            self.optimizer_step(loss, noisy.weight)
+            loss = self.student_step(loss, noisy.weight, train)
             return {"train_loss": float(loss.detach())}
         m = self.mcfg
         real = noisy.weight > 0  # a stand-in batch (weight 0) carries clean ids: it must not touch the table
@@ -95,15 +99,14 @@ class MSLG(Method, name="mslg", config=MSLGConfig, capabilities=Capabilities(cor
         with self.meta_phase():
             step = Step.optimizer() if m.lookahead_lr is None else Step.plain(m.lookahead_lr)
             result = lookahead_meta_grad(
-                self.model, self.optimizer, "reverse_kl", noisy.x, kl, a, clean.x, clean.label, step=step,
-                weight=noisy.weight, clean_weight=clean.weight, collective=self.collective, meta_grad=m.meta_grad)
+                self.model, self.optimizer, "reverse_kl", noisy.x, kl, a, meta.x, meta.label, step=step,
+                weight=noisy.weight, clean_weight=meta.weight, collective=self.collective, meta_grad=m.meta_grad)
             (grad_rows,) = torch.autograd.grad(a, leaf, result.grad_a)
             new_rows = (rows - m.label_lr * grad_rows).detach()
             self.table.write(noisy.ids, new_rows, noisy.label, counts=real)
 
         kl_new = kl(-F.log_softmax(new_rows, dim=1))
-        loss = kl_new - m.gamma * neg_entropy  # + γ·L_e, L_e = −Σ p log p
-        self.optimizer_step(loss, noisy.weight)
+        loss = self.student_step(kl_new - m.gamma * neg_entropy, noisy.weight, train)  # + γ·L_e, L_e = −Σ p log p
         changed = (new_rows.argmax(1) != noisy.label).float().mean() if real else torch.zeros(())
         return {"train_loss": float(loss.detach()), "kl_loss": float(kl_new.detach()),
                 "entropy": float(-neg_entropy.detach()),

@@ -46,6 +46,9 @@ class MWNetConfig(MethodConfig):
     meta_weight_decay: float = 1e-4  # VNet Adam weight decay (MW-Net.py)
     hidden_dim: int = 100  # VNet 1 -> 100 -> 1
     normalise: bool = False  # weights to sum 1 over the batch (WRN script); MW-Net.py does not
+    # half of each clean batch joins the student's loss, half is the meta batch (not in the paper: on a small data
+    # set the clean images then teach the student directly as well as steer it; MLC's official code does it)
+    mix_clean: bool = False
 
     def validate(self) -> list[str]:
         return field_problems("method", self, {"meta_grad": one_of(META_GRADS), "meta_lr": POSITIVE,
@@ -110,18 +113,18 @@ class MWNet(Method, name="mwnet", config=MWNetConfig, capabilities=Capabilities(
 
     # ---- one iteration --------------------------------------------------------------------------------
     def step(self, noisy: Batch, clean: Batch) -> dict[str, float]:
+        meta, train = self.split_clean(clean)
         rows = rows_of(noisy.weight, len(noisy), self.collective)
         ce = F.cross_entropy(self.model(noisy.x), noisy.label, reduction="none")  # the real step's forward
         v = self.vnet(ce.detach())
         u, total = self._weights(v, rows)
         with self.meta_phase():
-            result = self.weight_coefficients(noisy, ce, u, clean)
+            result = self.weight_coefficients(noisy, ce, u, meta)
             self._vnet_step(v, result.grad_a, rows, total)
         meta_loss = result.meta_loss
         with torch.no_grad():
             u_new, _ = self._weights(self.vnet(ce.detach()), rows)
-        loss = (u_new * ce).mean() if len(ce) else ce.sum()
-        self.optimizer_step(loss, noisy.weight)
+        loss = self.student_step((u_new * ce).mean() if len(ce) else ce.sum(), noisy.weight, train)
         return {"train_loss": float(loss.detach()), "noisy_loss": float(ce.detach().mean()),
                 "meta_loss": meta_loss, "clean_loss": meta_loss, "weight_mean": float(u_new.mean())}
 

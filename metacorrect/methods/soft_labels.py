@@ -51,6 +51,9 @@ class SoftLabelsConfig(MethodConfig):
     p0: float = 0.9  # instance mode: initial mass on the given label (paper grid 0.3 / 0.5 / 0.7 / 0.9)
     entropy_weighting: bool = False  # weight samples by 1 − H(label)/log C (the paper's noisy-setting curriculum)
     meta_grad: str = "fast"  # fast (JVP) | exact (double-backward reference)
+    # half of each clean batch joins the student's loss, half is the meta batch (not in the paper: on a small data
+    # set the clean images then teach the student directly as well as steer it; MLC's official code does it)
+    mix_clean: bool = False
 
     # Default sweep: the paper's grids (instance mode: p0 and the label lr; our lr scale, see docs/methods/soft_labels.md).
     search_space: ClassVar[dict[str, Any]] = {"method.p0": {"choice": [0.3, 0.5, 0.7, 0.9]},
@@ -104,6 +107,7 @@ class SoftLabels(Method, name="soft_labels", config=SoftLabelsConfig, capabiliti
 
     def step(self, noisy: Batch, clean: Batch) -> dict[str, float]:
         m = self.mcfg
+        meta, train = self.split_clean(clean)
         real = noisy.weight > 0  # a stand-in batch (weight 0) carries clean ids: it must not touch the table
         logits = self.model(noisy.x)
         params = self._parameters(noisy, real)
@@ -115,9 +119,9 @@ class SoftLabels(Method, name="soft_labels", config=SoftLabelsConfig, capabiliti
             return lower_loss("soft_ce", logits, t)
 
         with self.meta_phase():
-            result = lookahead_meta_grad(self.model, self.optimizer, "soft_ce", noisy.x, lower, a, clean.x,
-                                         clean.label, step=Step.optimizer(), weight=noisy.weight,
-                                         clean_weight=clean.weight, collective=self.collective,
+            result = lookahead_meta_grad(self.model, self.optimizer, "soft_ce", noisy.x, lower, a, meta.x,
+                                         meta.label, step=Step.optimizer(), weight=noisy.weight,
+                                         clean_weight=meta.weight, collective=self.collective,
                                          meta_grad=m.meta_grad)
             (grad,) = torch.autograd.grad(a, params, result.grad_a)
             with torch.no_grad():
@@ -131,8 +135,7 @@ class SoftLabels(Method, name="soft_labels", config=SoftLabelsConfig, capabiliti
                     new_targets = F.softmax(new_rows, dim=1)
         if weights is not None:
             new_targets = new_targets * entropy_weights(new_targets).unsqueeze(1)
-        loss = lower(new_targets)
-        self.optimizer_step(loss, noisy.weight)
+        loss = self.student_step(lower(new_targets), noisy.weight, train)
         out = {"train_loss": float(loss.detach()), "meta_loss": result.meta_loss, "clean_loss": result.meta_loss,
                "label_grad_norm": float(grad.norm())}
         if self.alpha is not None:

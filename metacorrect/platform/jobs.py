@@ -136,27 +136,40 @@ def submit(command: list[str], address: str | None = None, *, working_dir: str |
 
 
 def ephemeral_state(command: list[str], root: Path, env_vars: dict[str, str]) -> list[str]:
-    """What a `run`, `compare` or `sweep` job would write inside its temporary working directory (one line each,
-    with the setting that fixes it); [] for other commands. A config that does not load fails here, before
-    anything is submitted."""
+    """What a `run`, `compare`, `sweep` or `bench` job would write inside its temporary working directory (one
+    line each, with the setting that fixes it); [] for other commands. A config (with its `--method` file) or a
+    suite that does not load fails here, before anything is submitted."""
     from metacorrect.cli import build_parser
     from metacorrect.config import ExperimentConfig
 
     args = build_parser().parse_args(command)
-    if args.command not in ("run", "compare", "sweep"):
+    if args.command not in ("run", "compare", "sweep", "bench"):
         return []
-    path = Path(args.config)
-    if not path.is_file() and (root / path).is_file():
-        path = root / path
-    cfg = ExperimentConfig.from_yaml(path, args.overrides)
+
+    def in_job(name: str | None) -> Path | None:  # a relative path is the job's working directory's
+        path = Path(name) if name else None
+        return root / path if path and not path.is_file() and (root / path).is_file() else path
+
+    if args.command == "bench":
+        from metacorrect.tuning.bench import load_suite
+
+        suite = load_suite(in_job(args.suite), args.overrides)
+        cfg, data = suite.base, str(suite.raw.get("data_root") or "data")  # as written: resolved here, it is absolute
+    else:
+        cfg = ExperimentConfig.from_yaml(in_job(args.config), args.overrides, method=in_job(getattr(args, "method", None)))
+        data = cfg.data.path
     out = []
     if not Path(cfg.tracking.storage_path).expanduser().is_absolute():
         out.append(f"tracking.storage_path '{cfg.tracking.storage_path}': checkpoints and run state would be lost, so "
                    f"the run cannot be resumed; --set tracking.storage_path=/SHARED/runs")
-    if not cfg.data.path or not Path(cfg.data.path).expanduser().is_absolute():
-        where = cfg.data.path or f"data/{cfg.data.resolved_path().name}"
-        out.append(f"data.path '{where}': every job would prepare the data set again; "
-                   f"--set data.path=/SHARED/data/NAME")
+    if not data or not Path(data).expanduser().is_absolute():
+        where = data or f"data/{cfg.data.resolved_path().name}"
+        if args.command == "bench":
+            out.append(f"data_root '{where}': every job would prepare the suite's data sets again; "
+                       f"data_root: /SHARED/data in the suite file")
+        else:
+            out.append(f"data.path '{where}': every job would prepare the data set again; "
+                       f"--set data.path=/SHARED/data/NAME")
     uri = cfg.tracking.uri or env_vars.get("MLFLOW_TRACKING_URI")
     if not uri or not (uri.startswith(("http://", "https://", "databricks")) or uri.startswith("sqlite:////")
                        or Path(uri).is_absolute()):

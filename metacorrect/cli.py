@@ -285,7 +285,7 @@ def _bench(args: argparse.Namespace) -> int:
         return 1
     print()
     print(result)
-    return 1 if result.failed else 0
+    return 130 if result.interrupted else 1 if result.failed else 0  # 130: the shell's code for Ctrl-C
 
 
 def _submit(args: argparse.Namespace) -> int:

@@ -69,14 +69,15 @@ def stop_group(pgid: int) -> None:
 
 
 def kill_cli_after_line(args: list[str], gcs_address: str, marker: Callable[[str], str | None],
-                        timeout: float = 300) -> str:
+                        timeout: float = 300, sig: int = signal.SIGKILL) -> tuple[str, int, str]:
     """`python -m metacorrect ARGS` on the session's cluster (`gcs_address`), its output read line by line;
-    when `marker(line)` returns a value, the driver's whole process group is SIGKILLed (as on a crash) and the
-    value returned. Fails, printing the last lines, if no line matches in `timeout` seconds."""
+    when `marker(line)` returns a value, `sig` goes to the driver's whole process group: SIGKILL as on a crash,
+    SIGINT as Ctrl-C in a terminal (the driver is then given 120 s to wind down). Returns (the value, the exit
+    status, the output after the signal). Fails, printing the last lines, if no line matches in `timeout` s."""
     env = os.environ | {"RAY_ADDRESS": gcs_address, "PYTHONPATH": str(ROOT)}
     driver = subprocess.Popen([sys.executable, "-m", "metacorrect", *args], stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
-    found, lines = None, []
+    found, lines, rest = None, [], ""
     try:
         deadline = time.time() + timeout
         for line in driver.stdout:
@@ -85,8 +86,13 @@ def kill_cli_after_line(args: list[str], gcs_address: str, marker: Callable[[str
             if found:
                 break
             assert time.time() < deadline, "no line matched in time:\n" + "".join(lines[-30:])
+        if found:
+            os.killpg(driver.pid, sig)
+            if sig != signal.SIGKILL:
+                rest, _ = driver.communicate(timeout=120)
     finally:
-        os.killpg(driver.pid, signal.SIGKILL)
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
     assert found, "".join(lines[-30:])
-    return found
+    return found, driver.returncode, rest

@@ -209,7 +209,7 @@ def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(
     space = {"optim.lr": {"loguniform": [0.01, 0.2]}}
     space_file.write_text(yaml.safe_dump(space))
     # the driver dies mid-sweep, as on a crash, once the first trial has finished
-    finished = kill_cli_after_line(["sweep", str(config_file), "--space", str(space_file), "--num-samples", "2",
+    finished, _, _ = kill_cli_after_line(["sweep", str(config_file), "--space", str(space_file), "--num-samples", "2",
                                     "--max-concurrent", "1", "--scheduler", "fifo", "--name", "killed"],
                                    ray_cluster.get_runtime_context().gcs_address,
                                    lambda line: line.split()[2] if line.startswith("[sweep] trial ") and " finished" in line

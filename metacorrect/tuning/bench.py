@@ -328,13 +328,17 @@ class BenchResult:
     leaderboard: Any  # metacorrect.tuning.leaderboard.Leaderboard
     failed: list[str] = field(default_factory=list)  # trial keys that failed
     wall_s: float = 0.0
+    interrupted: bool = False  # stopped (Ctrl-C) before every trial ended: `--resume` continues it
 
     def __str__(self) -> str:
         from metacorrect.platform.results import where
 
         failed = f"\nFAILED trials (not in the tables): {', '.join(self.failed)}" if self.failed else ""
-        return (f"{self.leaderboard.to_markdown()}{failed}\nsuite {self.name}: {self.leaderboard.num_trials} trials "
-                f"in {self.wall_s / 60:.1f} min, MLflow parent run {self.parent_run_id}\n{where(self.tracking_uri)}")
+        stopped = (f"\nINTERRUPTED: {len(self.leaderboard.trials)} of {self.leaderboard.num_trials} trials finished; "
+                   f"--resume continues the suite") if self.interrupted else ""
+        return (f"{self.leaderboard.to_markdown()}{failed}{stopped}\nsuite {self.name}: {self.leaderboard.num_trials} "
+                f"trials in {self.wall_s / 60:.1f} min, MLflow parent run {self.parent_run_id}\n"
+                f"{where(self.tracking_uri)}")
 
 
 def bench(suite: str | Path | dict[str, Any], resume: bool = False, overrides: list[str] | None = None,
@@ -384,21 +388,23 @@ def bench(suite: str | Path | dict[str, Any], resume: bool = False, overrides: l
               f"{len(spec.settings)} setting(s) x {len(spec.seeds)} seed(s) = {len(trials)} trials, "
               f"{spec.base.train.epochs} epochs each; up to {concurrency} at a time, each {r.num_workers} "
               f"worker(s) x {per_worker} CPU" + (f" + {r.gpus_per_worker} GPU" if r.use_gpu else ""), flush=True)
+    from metacorrect.tuning.leaderboard import log_leaderboard, read_leaderboard
+
     with tracking.parent_closed_on_failure(uri, parent_id):
         grid = _tuner(context, trials, concurrency, bench_dir, resume, progress).fit()
         failed = sorted(r.config.get("trial") for r in grid if r.error)
-        tracking.end_open_children(uri, parent_id, "FAILED")  # trials that died before closing their run
-    from metacorrect.tuning.leaderboard import log_leaderboard, read_leaderboard
-
-    board = read_leaderboard(uri, parent_id)
-    result = BenchResult(name=name, path=str(bench_dir), parent_run_id=parent_id, tracking_uri=uri,
-                         leaderboard=board, failed=failed, wall_s=time.time() - started)
-    log_leaderboard(uri, parent_id, board)
-    c = tracking.client(uri)
-    c.log_metric(parent_id, "trials", len(trials))
-    c.log_metric(parent_id, "failed_trials", len(failed))
-    c.log_metric(parent_id, "wall_s", result.wall_s)
-    tracking.end_run(uri, parent_id, "FAILED" if failed else "FINISHED")
+        # Ctrl-C: Tune stops and returns with trials neither finished nor failed; --resume continues them.
+        interrupted = grid.num_terminated + grid.num_errors < len(trials)
+        tracking.end_open_children(uri, parent_id, "KILLED" if interrupted else "FAILED")  # trials that died open
+        board = read_leaderboard(uri, parent_id)
+        result = BenchResult(name=name, path=str(bench_dir), parent_run_id=parent_id, tracking_uri=uri,
+                             leaderboard=board, failed=failed, wall_s=time.time() - started, interrupted=interrupted)
+        log_leaderboard(uri, parent_id, board)
+        c = tracking.client(uri)
+        c.log_metric(parent_id, "trials", len(trials))
+        c.log_metric(parent_id, "failed_trials", len(failed))
+        c.log_metric(parent_id, "wall_s", result.wall_s)
+    tracking.end_run(uri, parent_id, "KILLED" if interrupted else "FAILED" if failed else "FINISHED")
     return result
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -124,6 +125,12 @@ def read_leaderboard(uri: str, parent_id: str):
                        budget=plan.get("budget", ""), num_trials=len(methods) * len(settings) * len(seeds))
 
 
+def metric_key(metric: str, method: str, setting: str) -> str:
+    """`test_at_best_val.METHOD.SETTING`, a cell as a metric of the parent run; characters MLflow refuses in a
+    metric name (labels are free text, e.g. `mslg+clean`) become `_`."""
+    return re.sub(r"[^A-Za-z0-9_\-. :/]", "_", f"{metric}.{method}.{setting}")
+
+
 def log_leaderboard(uri: str, run_id: str, board: Leaderboard) -> None:
     """The leaderboard (CSV, Markdown), the trials table and the plots, as artifacts of the parent run."""
     from metacorrect.platform import tracking
@@ -136,7 +143,7 @@ def log_leaderboard(uri: str, run_id: str, board: Leaderboard) -> None:
     for metric, _ in TABLES[:1]:
         for _, row in summary.iterrows():
             if not math.isnan(row[f"{metric}_mean"]):
-                c.log_metric(run_id, f"{metric}.{row['method']}.{row['setting']}", row[f"{metric}_mean"])
+                c.log_metric(run_id, metric_key(metric, row["method"], row["setting"]), row[f"{metric}_mean"])
     for name, fig in plot_leaderboard(board).items():
         c.log_figure(run_id, fig, f"plots/{name}.png")
         fig.clear()

@@ -9,7 +9,7 @@ before the first step.
 
     python benchmarks/meta_step.py                                   # resnet18_cifar, 32x32x3, batch 64
     python benchmarks/meta_step.py --arch small_cnn --width 16 --steps 3 --device cpu
-    python benchmarks/meta_step.py --precision fp32,bf16 --table-rows 0    # the same rows in both precisions
+    python benchmarks/meta_step.py --precision fp32,bf16,fp16 --table-rows 0    # the same rows in each precision
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from metacorrect.config import ExperimentConfig
+from metacorrect.config import PRECISIONS, ExperimentConfig
 from metacorrect.methods import METHODS, Batch, MethodContext
 from metacorrect.methods.backbones import build_backbone
 from metacorrect.platform.collective import Collective
@@ -98,7 +98,7 @@ def measure(args, name: str, k: int, mode: str, device: torch.device, data,
     if "k" in {f.name for f in dataclasses.fields(METHODS[name].config_class)}:
         method_cfg["k"] = k
     cfg = ExperimentConfig.from_dict({"method": method_cfg, "model": {"arch": args.arch, "width": args.width},
-                                      "resources": {"num_workers": 1}})
+                                      "resources": {"num_workers": 1}, "train": {"precision": precision}})
     torch.manual_seed(0)
     model = build_backbone(args.arch, args.classes, (args.image, args.image, args.channels), args.width).to(device)
     model.train()
@@ -133,6 +133,9 @@ def measure(args, name: str, k: int, mode: str, device: torch.device, data,
                 block()
             times = [block() for _ in range(args.steps)]
         peak = (rss.peak - rss.base) / 2**20
+    if method.loss_scales.enabled:  # fp16: skipped steps are cheaper, so the time counts fewer full steps
+        counts = {k: v for k, v in method.loss_scales.metrics().items() if "skipped" in k}
+        print(f"  {name} k={k} {mode} fp16: {counts} over {step} steps", file=sys.stderr, flush=True)
     method = model = opt = None  # free them before the heap is trimmed
     if cuda:
         torch.cuda.empty_cache()
@@ -204,11 +207,11 @@ def main(argv: list[str] | None = None) -> None:
                    help="rows of the label-table update timing (0: skip it)")
     p.add_argument("--classes-table", type=int, default=14, help="classes of the label-table timing (Clothing1M: 14)")
     p.add_argument("--precision", default="fp32",
-                   help="comma-separated train.precision values to time every row in (fp32, bf16)")
+                   help="comma-separated train.precision values to time every row in (fp32, bf16, fp16)")
     args = p.parse_args(argv)
     precisions = args.precision.split(",")
-    if not set(precisions) <= {"fp32", "bf16"}:
-        sys.exit(f"meta_step: --precision: expected fp32 and/or bf16, got {args.precision}")
+    if not set(precisions) <= set(PRECISIONS):
+        sys.exit(f"meta_step: --precision: expected some of {', '.join(PRECISIONS)}, got {args.precision}")
     args.clean_batch = args.clean_batch or max(2, args.batch // 2)
     if args.threads:
         torch.set_num_threads(args.threads)

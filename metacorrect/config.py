@@ -123,9 +123,9 @@ class OptimConfig:
 
 
 EVAL_NOISY = ("known", "all", "off")
-# fp16 needs a loss scale for every meta pass, not one GradScaler on the real step; bf16 has fp32's range and
-# needs none, so it is the half precision offered.
-PRECISIONS = ("fp32", "bf16")
+# bf16 has fp32's exponent range; fp16 does not, so it runs with loss scales on the real step and on the meta
+# passes (methods/engine/scaling.py).
+PRECISIONS = ("fp32", "bf16", "fp16")
 RENAMED = {"train.eval_noisy_train": "train.eval_noisy (known | all | off)"}
 
 
@@ -140,7 +140,9 @@ class TrainConfig:
     seed: int = 0  # seed of the model's initialisation, the batch order, clean-batch draws and augmentation
     # Mixed precision of every training step, the meta passes included (the look-ahead's JVP, the clean
     # gradient at w', the VJP through a meta-model): `bf16` autocasts matrix products and convolutions to
-    # bfloat16, on CPU and GPU; label tables, meta-gradient accumulators, weights and optimizer state stay fp32.
+    # bfloat16, on CPU and GPU; `fp16` to float16, with dynamic loss scales on the real step and the meta passes
+    # (a step that overflows is skipped and counted: `fp16_skipped_steps`, `fp16_skipped_meta_steps`), for GPUs
+    # without bf16. Label tables, meta-gradient accumulators, weights and optimizer state stay fp32.
     precision: str = "fp32"
     # Per-epoch label recovery of the model (and a method's corrected labels) on the noisy set: `known` measures
     # it on the noisy rows whose true label is known (a fixed, seeded subset of at most `eval_noisy_max`);

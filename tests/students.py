@@ -12,14 +12,17 @@ from metacorrect.methods import METHODS
 from metacorrect.methods.backbones import build_backbone
 from metacorrect.methods.base import Batch, Method, MethodContext
 from metacorrect.platform.collective import Collective
+from metacorrect.platform.precision import step_precision
 
 
 def make_method(fields: dict[str, Any], *, classes: int, side: int, width: int, num_noisy: int,
                 arch: str = "small_cnn", seed: int = 0, lr: float = 0.1, weight_decay: float = 5e-4,
-                collective: Collective | None = None) -> Method:
+                collective: Collective | None = None, precision: str = "fp32") -> Method:
     """`fields` (with "name") on a fresh `arch` student (side x side x 1 images) and SGD with momentum 0.9,
-    seeded by `seed`, on one worker unless `collective` says otherwise."""
-    cfg = ExperimentConfig.from_dict({"method": fields, "model": {"arch": arch, "width": width}})
+    seeded by `seed`, on one worker unless `collective` says otherwise; `precision` is `train.precision` (fp16
+    switches the method's loss scales on; the steps' autocast is the caller's)."""
+    cfg = ExperimentConfig.from_dict({"method": fields, "model": {"arch": arch, "width": width},
+                                      "train": {"precision": precision}})
     torch.manual_seed(seed)
     model = build_backbone(arch, classes, (side, side, 1), width)
     model.train()
@@ -32,12 +35,13 @@ def restore(source: Method, target: Method) -> Method:
     resumed run gets them); `target` should start from other weights, so nothing survives by accident."""
     buf = io.BytesIO()
     torch.save({"model": source.model.state_dict(), "optimizer": source.optimizer.state_dict(),
-                "method": source.state_dict()}, buf)
+                "method": source.state_dict(), "loss_scales": source.loss_scales.state_dict()}, buf)
     buf.seek(0)
     state = torch.load(buf, weights_only=False)
     target.model.load_state_dict(state["model"])
     target.optimizer.load_state_dict(state["optimizer"])
     target.load_state_dict(state["method"])
+    target.loss_scales.load_state_dict(state["loss_scales"])
     return target
 
 
@@ -84,3 +88,22 @@ def learned_state(method: Method) -> torch.Tensor:
     if getattr(method, "ema", None) is not None:
         parts.append(flat(method.ema.parameters()))
     return torch.cat([p.to(torch.float64) for p in parts])
+
+
+def low_loss_scales(method: Method) -> None:
+    """fp16 loss scales that the tiny students' first steps do not overflow (GradScaler's 2^16 does now and
+    then: those first steps would be skipped, and comparisons with fp32 or with one worker be about skipping)."""
+    state = method.loss_scales.state_dict()
+    state["real"]["scale"] = 2.0 ** 10
+    state["meta"]["grad"]["value"] = 2.0 ** 10
+    method.loss_scales.load_state_dict(state)
+
+
+def run_fp16_steps(method: Method, data: list[tuple[Batch, Batch]], seed: int = 123) -> list[dict[str, float]]:
+    """`run_steps` under fp16 autocast on the CPU."""
+    outs = []
+    for i, (noisy, clean) in enumerate(data):
+        torch.manual_seed(seed + i)
+        with step_precision("fp16", "cpu"):
+            outs.append(method.step(noisy, clean))
+    return outs

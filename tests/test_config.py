@@ -327,7 +327,8 @@ def test_scale_fields_parse_and_renamed_fields_name_their_successor() -> None:
         ("off", 500, "bf16", True), "YAML reads `off` as false; the text field keeps the word"
     with pytest.raises(ConfigError, match=r"train.eval_noisy_train: renamed to train.eval_noisy"):
         ExperimentConfig().with_overrides(["train.eval_noisy_train=false"])
-    with pytest.raises(ConfigError, match=r"train.precision: expected one of fp32, bf16, got 'fp16'"):
-        ExperimentConfig().with_overrides(["train.precision=fp16"])
+    assert ExperimentConfig().with_overrides(["train.precision=fp16"]).train.precision == "fp16"
+    with pytest.raises(ConfigError, match=r"train.precision: expected one of fp32, bf16, fp16, got 'fp8'"):
+        ExperimentConfig().with_overrides(["train.precision=fp8"])
     with pytest.raises(ConfigError, match=r"train.checkpoint_every: must be >= 0"):
         ExperimentConfig().with_overrides(["train.checkpoint_every=-1"])

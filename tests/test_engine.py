@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import io
+import math
 import os
 
 import pytest
@@ -192,21 +193,59 @@ def test_bn_running_stats_untouched_and_model_mode_restored():
 @pytest.mark.parametrize("mode", ["fast", "exact"])
 def test_per_row_leaves_without_meta_params(mode):
     """MSLG-style label table: without meta_params the meta-gradient lands in .grad of whatever leaves
-    targets_fn uses (here the table), unreduced, equal to the meta_params path."""
+    targets_fn uses (here the table), unreduced, equal to the meta_params path; fp16's loss scale (here in
+    float64, without autocast) changes neither path by a bit."""
     out = []
-    for shared in (True, False):
+    for shared, scaled in ((True, False), (False, False), (True, True), (False, True)):
         s = Setup("reverse_kl", "small_cnn", seed=13)
         s.warmup()
         e = mg.MetaGradEngine(s.model, s.opt, "reverse_kl", meta_grad=mode,
-                              meta_params=s.meta_params if shared else None)
+                              meta_params=s.meta_params if shared else None,
+                              loss_scale=mg.MetaLossScale(enabled=True) if scaled else None)
         x, y, ids = s.batch(6, seed=1)
         s.real_step(e, x, y, ids)
         cx, cy, _ = s.batch(5, seed=2)
-        g, _ = s.meta_grad(e, cx, cy)
+        g, stats = s.meta_grad(e, cx, cy)
+        assert stats.finite
         out.append(g)
         rows = s.meta[0].grad.abs().sum(1) > 0
         assert set(torch.nonzero(rows).flatten().tolist()) <= set(ids.tolist())
     torch.testing.assert_close(out[0], out[1], rtol=1e-12, atol=1e-15)
+    assert torch.equal(out[0], out[2]) and torch.equal(out[1], out[3])
+
+
+def test_meta_loss_scale_backs_off_what_overflowed_grows_back_and_round_trips():
+    scale = mg.MetaLossScale(enabled=True, init_scale=2.0 ** 16, init_tangent_scale=4.0)
+    g, t = torch.tensor([2.0 ** 17, 0.0]), torch.tensor([8.0, float("nan")])
+    scale.unscale_grads_([g])
+    assert torch.equal(g, torch.tensor([2.0, 0.0])) and scale.update(), "finite: apply, nothing moves yet"
+    scale.unscale_([t])  # the tangent side overflowed
+    assert not scale.update() and (scale.grad_scale, scale.tangent_scale, scale.skipped) == (2.0 ** 16, 2.0, 1)
+    scale.unscale_grads_([torch.tensor([float("inf")])])
+    scale.unscale_([torch.tensor([float("nan")])])  # garbage after an overflowed gradient: not the tangent's fault
+    assert not scale.update() and (scale.grad_scale, scale.tangent_scale, scale.skipped) == (2.0 ** 15, 2.0, 2)
+    state = scale.state_dict()
+    state["grad"]["growth_interval"] = state["tangent"]["growth_interval"] = 2
+    scale.load_state_dict(state)
+    assert scale.update() and scale.update(), "nothing unscaled: finite"
+    assert (scale.grad_scale, scale.tangent_scale) == (2.0 ** 16, 4.0), "grown after growth_interval finite updates"
+    blob = io.BytesIO()
+    torch.save(scale.state_dict(), blob)
+    blob.seek(0)
+    other = mg.MetaLossScale(enabled=True)
+    other.load_state_dict(torch.load(blob, weights_only=True))
+    assert other.state_dict() == scale.state_dict()
+    # the factor of the tangents: S_t / their largest entry, rounded down to a power of two, used by unscale_
+    c = scale.normalise({"w": torch.tensor([0.3, -3.0]), "b": torch.tensor([1.0])}, [{"w": 0.1, "b": 1.0}])
+    assert c == 2.0 ** math.floor(math.log2(4.0 / 1.0))
+    q = torch.tensor([c * 3.0])
+    scale.unscale_([q])
+    assert torch.equal(q, torch.tensor([3.0])) and scale.update()
+    off = mg.MetaLossScale()
+    loss = torch.tensor(2.0)
+    off.unscale_([loss])
+    assert off.scale(loss) is loss and off.update() and not off.skipped
+    assert off.grad_scale == off.tangent_scale == 1.0
 
 
 # ---- k-step: discount and pairing -----------------------------------------------------------------------

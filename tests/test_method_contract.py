@@ -3,7 +3,8 @@
 - fast == exact: with `meta_grad` fast and exact (k = 1) the method learns the same (float64);
 - resume: a method restored from a serialised checkpoint between steps continues bit for bit;
 - two gloo workers == one worker holding both halves, and a stand-in batch (weight 0) on one worker leaves
-  its rows out exactly.
+  its rows out exactly; under fp16 (one method of each kind of meta update, in the same two processes) the
+  replicas stay identical and an overflow on one worker skips the step on both.
 
 What is special to a method (its references, its options) is in its own test file.
 """
@@ -17,7 +18,7 @@ import torch
 from metacorrect.methods import METHODS, Batch
 from metacorrect.platform.collective import Collective
 from gloo import run_two_ranks
-from students import learned_state, make_method, noisy_and_clean, restore, run_steps
+from students import learned_state, low_loss_scales, make_method, noisy_and_clean, restore, run_fp16_steps, run_steps
 
 C, SIDE, WIDTH, N = 10, 8, 4, 64
 # Fields that make a method learn from its first step on tiny data (warm-up off, label steps that move labels).
@@ -35,9 +36,9 @@ def _float64(float64_one_thread):
     yield
 
 
-def make(name: str, arch: str = "small_cnn", seed: int = 0, collective=None, **extra):
+def make(name: str, arch: str = "small_cnn", seed: int = 0, collective=None, precision: str = "fp32", **extra):
     return make_method({"name": name, **FIELDS.get(name, {}), **extra}, classes=C, side=SIDE, width=WIDTH,
-                       num_noisy=N, arch=arch, seed=seed, collective=collective)
+                       num_noisy=N, arch=arch, seed=seed, collective=collective, precision=precision)
 
 
 def data(seed: int, steps: int):
@@ -110,11 +111,38 @@ def _ieg_coefficients(method, rank: int, stand_in: bool) -> torch.Tensor:
     return torch.stack([co.grad_weight, co.weight, co.mix])
 
 
+# fp16: one of each kind of meta update (a meta-model through the engine, a label table, a meta-model the method
+# steps, normalised weights); IEG's MixUp is per worker by design.
+FP16_NAMES = ["mlc", "mslg", "mwnet", "l2rw"]
+
+
+def _fp16_results(rank: int, collective) -> dict:
+    """Per method: (learned state, loss scales) after two fp16 steps, and after a third in which the noisy rows
+    of rank 1 overflow float16 (×1e5). float32: the gloo ranks default to float64, which autocast leaves alone."""
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        out = {}
+        for name in FP16_NAMES:
+            method = make(name, arch="mlp", seed=3, collective=collective, precision="fp16")
+            low_loss_scales(method)
+            for step in range(3):
+                noisy, clean = _halves(rank, False, name)
+                if step == 2:
+                    noisy.x[slice(4, 8) if rank < 0 else slice(0, 4) if rank == 1 else slice(0, 0)] *= 1e5
+                run_fp16_steps(method, [(noisy, clean)], seed=11 + step)
+                if step >= 1:
+                    out[name, step] = (learned_state(method), method.loss_scales.state_dict())
+        return out
+    finally:
+        torch.set_default_dtype(dtype)
+
+
 VARIANTS = [(n, ()) for n in NAMES] + [(n, (("mix_clean", m),)) for n, m in MIXES.items()]
 
 
 def _two_worker_results(rank: int, collective) -> dict:
-    out = {}
+    out = {"fp16": _fp16_results(rank, collective)}
     for name, extra in VARIANTS:
         for stand_in in (False, True):
             # no batch norm: halves == the whole
@@ -148,3 +176,16 @@ def test_two_workers_equal_one_worker_and_stand_ins_count_for_nothing(tmp_path):
             for g in got:
                 torch.testing.assert_close(g, want, rtol=1e-9, atol=1e-12,
                                            msg=lambda m: f"{name} {extra}, {stand_in}: {m}")
+    ranks, single = [r["fp16"] for r in ranks], single["fp16"]
+    for name in FP16_NAMES:
+        for step in (1, 2):
+            (a, scales_a), (b, scales_b) = ranks[0][name, step], ranks[1][name, step]
+            want, scales = single[name, step]
+            assert torch.equal(a, b), f"fp16 {name}: replicas differ after step {step}"
+            assert scales_a == scales_b == scales, f"fp16 {name}: loss scales differ after step {step}"
+            # float16 on halves vs on the whole batch: the same sums in another order.
+            torch.testing.assert_close(a, want, rtol=1e-2, atol=1e-3, msg=lambda m: f"fp16 {name}, {step}: {m}")
+        # The overflow skips the real step, and the meta step with it (MLC's follows the skipped real step: it had
+        # no look-ahead to take, so none was counted).
+        counts = (single[name, 2][1]["skipped_real"], single[name, 2][1]["meta"]["skipped"])
+        assert counts == (1, 0 if name == "mlc" else 1), (name, counts)

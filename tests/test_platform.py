@@ -1,4 +1,5 @@
-"""The data path of a multi-worker run on a real local Ray cluster and the loop in the driver (local mode).
+"""The data path of a multi-worker run on a real local Ray cluster and the loop in the driver (local mode), fp16's
+loss scales through that loop.
 
 Two-worker runs of every method and their MLflow records: test_workers_e2e.py; resume after a stopped or
 killed driver or worker: test_faults.py."""
@@ -82,3 +83,35 @@ def test_local_mode_runs_in_the_driver_and_keeps_its_checkpoint(ray_cluster, dig
     model = build_backbone("small_cnn", 10, (8, 8, 1), width=16)
     model.load_state_dict(torch.load(model_file, weights_only=True))
     assert result.metrics["noisy_rows_seen"] == 1138
+
+
+def test_local_mode_fp16_logs_its_skip_counts_and_resumes_with_its_loss_scales(ray_cluster, digits_noisy,
+                                                                                experiment):
+    """fp16 through the platform's loop (in the driver): the loss scales' skip counts and scales are epoch and
+    step metrics, every logged step metric is finite, the checkpoint holds the scales, and a resumed run
+    continues with them (its counts and GradScaler's growth tracker go on from the checkpoint's)."""
+    import math
+
+    from metacorrect.platform.checkpoint import load_state
+    from metacorrect.platform.trainer import run
+
+    cfg = experiment(digits_noisy, resources__num_workers=0, train__epochs=1, train__precision="fp16",
+                     train__log_every=4, model__width=8, method__name="mslg", method__warmup_epochs=0,
+                     tracking__run_name="fp16-local")
+    first = run(cfg, progress=False)
+    keys = {"fp16_skipped_steps", "fp16_skipped_meta_steps", "fp16_loss_scale", "fp16_meta_grad_scale",
+            "fp16_meta_tangent_scale"}
+    assert keys <= set(first.metrics)
+    state = load_state(first.checkpoint_path)
+    scales = state["loss_scales"]
+    assert (scales["skipped_real"], scales["meta"]["skipped"]) == \
+        (first.metrics["fp16_skipped_steps"], first.metrics["fp16_skipped_meta_steps"])
+    rows = state["step_history"]
+    assert rows and all({f"step/{k}" for k in keys} <= set(r) for r in rows)
+    assert all(math.isfinite(v) for r in rows for v in r.values())
+    steps = int(first.metrics["steps"])
+    second = run(cfg.with_overrides(["train.epochs=2"]), progress=False)
+    after = load_state(second.checkpoint_path)["loss_scales"]
+    assert after["skipped_real"] >= scales["skipped_real"] and after["meta"]["skipped"] >= scales["meta"]["skipped"]
+    if after["skipped_real"] == scales["skipped_real"]:  # no overflow in epoch 2: the tracker carried on
+        assert after["real"]["_growth_tracker"] == scales["real"]["_growth_tracker"] + steps

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metacorrect.checks import AT_LEAST_ONE, COUNT, NON_NEGATIVE, POSITIVE, field_problems, one_of
-from metacorrect.methods.engine import META_GRADS
+from metacorrect.methods.engine import META_GRADS, LossScales
 
 if TYPE_CHECKING:
     from metacorrect.config import ExperimentConfig
@@ -132,6 +132,9 @@ class Method:
         self.image_shape = ctx.image_shape
         self.table: SampleTable | None = None  # the method's per-sample table, if it keeps one
         self.meta_clock = MetaClock()
+        # fp16's loss scales (real step and meta passes), switched off for fp32 and bf16; the platform keeps
+        # their state in checkpoints beside `state_dict` and logs their skipped-step counts.
+        self.loss_scales = LossScales.for_precision(ctx.cfg.train.precision, self.device, self.collective)
 
     @property
     def device(self) -> torch.device:
@@ -172,12 +175,17 @@ class Method:
         pass
 
     # ---- shared pieces ----------------------------------------------------------------------------
-    def optimizer_step(self, loss: Tensor, weight: float) -> None:
-        """Backward, average gradients over workers weighted by rows that count, one optimizer step."""
+    def optimizer_step(self, loss: Tensor, weight: float) -> bool:
+        """Backward, average gradients over workers weighted by rows that count, one optimizer step. Returns
+        False when fp16's loss scale found the averaged gradients non-finite and skipped the step (the same on
+        every worker); always True in fp32 and bf16."""
         self.optimizer.zero_grad(set_to_none=False)
+        if self.loss_scales.real is not None:
+            return self.loss_scales.real_step(self.optimizer, loss, lambda: grads_of(self.model), weight)
         loss.backward()
         self.collective.weighted_mean_(grads_of(self.model), weight)
         self.optimizer.step()
+        return True
 
     def split_clean(self, clean: Batch) -> tuple[Batch, Batch | None]:
         """(meta batch, training half or None): with the method's `mix_clean` on, half of the clean batch joins

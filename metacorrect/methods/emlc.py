@@ -140,7 +140,7 @@ class EMLC(Method, name="emlc", config=EMLCConfig, capabilities=Capabilities(cor
         self.meta_params = params
         self.engine = MetaGradEngine(model, self.optimizer, "soft_ce", k=m.k, meta_grad=m.meta_grad,
                                      discount=engine_discount(m.k, m.discount), collective=collective,
-                                     meta_params=params)
+                                     meta_params=params, loss_scale=self.loss_scales.meta)
         self._count = 0  # steps taken: keys the targets cached for the recorded steps
         self._cache: dict[int, Tensor] = {}  # step -> targets with graph to the teacher (the real step's forward)
 
@@ -169,7 +169,8 @@ class EMLC(Method, name="emlc", config=EMLCConfig, capabilities=Capabilities(cor
         loss, weight, scale = student_loss(soft, float(noisy.weight), clean_ce,
                                            train.weight if train is not None else 0.0)
         self.engine.record(noisy.x, context, weight=weight, scale=scale)
-        self.optimizer_step(loss, weight)
+        if not self.optimizer_step(loss, weight):  # fp16 skipped the real step: it is no look-ahead
+            self.engine.drop_last()
 
         out = {"train_loss": float(loss.detach()), "noisy_loss": float(soft.detach()),
                "gate_mean": float(w.detach().mean())}
@@ -195,9 +196,11 @@ class EMLC(Method, name="emlc", config=EMLCConfig, capabilities=Capabilities(cor
             bce, acc = self._gate_bce(logits, h, clean.label)
             out["gate_bce"], out["gate_accuracy"] = float(bce.detach()), acc
             loss = loss + bce
-        loss.backward()
+        meta_scale = self.loss_scales.meta  # fp16: CE + BCE join the meta-gradient's update under its loss scale
+        meta_scale.scale(loss).backward()
         # CE + BCE: mean over the clean rows of all workers.
         self.collective.weighted_mean_(grads_of(self.teacher), clean.weight)
+        meta_scale.unscale_grads_(grads_of(self.teacher))  # before meta_backward, whose update covers them
         result = self.engine.meta_backward(meta.x, meta.label, self._targets, clean_weight=meta.weight)
         self._cache.clear()
         # BN running stats identical on every replica; only now, as the cached targets' graph saved them.
@@ -205,7 +208,7 @@ class EMLC(Method, name="emlc", config=EMLCConfig, capabilities=Capabilities(cor
         if buffers:
             self.collective.weighted_mean_(buffers, 1.0)
         out["meta_loss"] = result.meta_loss
-        if any_nonzero_grad(self.meta_params):
+        if result.meta_step and any_nonzero_grad(self.meta_params):
             self.meta_optimizer.step()
         return out
 

@@ -104,7 +104,7 @@ class Coefficients:
     """IEG's data coefficients for one noisy batch and the meta-gradients they came from."""
 
     weight: Tensor  # ω*·W (mean-1 units, see engine/rows.py), (n,)
-    mix: Tensor  # λ* ∈ {0, 1}, (n,)
+    mix: Tensor  # λ* ∈ {0, 1}, (n,); mix_init where fp16 skipped the meta step
     grad_weight: Tensor  # dL_probe(w')/du_i at u = 1 (u = ω·W), (n,)
     grad_mix: Tensor  # dL_probe(w')/dλ_i at λ = mix_init, (n,)
     meta_loss: float  # probe CE at the look-ahead weights
@@ -145,12 +145,19 @@ class IEG(Method, name="ieg", config=IEGConfig,
         result = lookahead_meta_grad(self.model, self.optimizer, "soft_ce", noisy.x, lower, target, clean.x,
                                      clean.label, step=Step.plain(m.meta_stepsize, m.meta_momentum, wd),
                                      weight=noisy.weight, clean_weight=clean.weight, collective=self.collective,
-                                     meta_grad=m.meta_grad, meta_weight_decay=wd)
+                                     meta_grad=m.meta_grad, meta_weight_decay=wd, loss_scale=self.loss_scales.meta)
         # a_i = ω_i·B·(λ_i·onehot + (1 − λ_i)·g_i): the chain rule at ω_i·B = 1 gives both coefficients' gradients.
         grad_weight = (target * result.grad_a).sum(1)
         grad_mix = ((onehot - guess) * result.grad_a).sum(1)
-        weight = normalised_weights(-grad_weight, result.rows, self.collective)
-        mix = (grad_mix < 0).to(logits.dtype)
+        # fp16: ω* and λ* do not depend on the loss scale, but an overflow leaves nothing to decide on: then no
+        # row is weighted (as when no row helps the probe loss) and λ stays at mix_init.
+        self.loss_scales.meta.unscale_([grad_weight, grad_mix])
+        if self.loss_scales.meta.update():
+            weight = normalised_weights(-grad_weight, result.rows, self.collective)
+            mix = (grad_mix < 0).to(logits.dtype)
+        else:
+            weight = torch.zeros_like(grad_weight)
+            mix = torch.full_like(grad_weight, m.mix_init, dtype=logits.dtype)
         return Coefficients(weight, mix, grad_weight.detach(), grad_mix.detach(), result.meta_loss, result.rows)
 
     # ---- step 3: MixUp and consistency ----------------------------------------------------------------

@@ -60,7 +60,11 @@ class L2RW(Method, name="l2rw", config=L2RWConfig, capabilities=Capabilities(wei
                                      torch.ones(len(noisy), device=noisy.x.device), clean.x, clean.label,
                                      step=Step.identity(), labels=noisy.label, weight=noisy.weight,
                                      clean_weight=clean.weight, collective=self.collective,
-                                     meta_grad=self.mcfg.meta_grad)
+                                     meta_grad=self.mcfg.meta_grad, loss_scale=self.loss_scales.meta)
+        # fp16: the weights do not depend on the loss scale; an overflow weights no row (as a zero weight sum).
+        self.loss_scales.meta.unscale_([result.grad_a])
+        if not self.loss_scales.meta.update():
+            return torch.zeros_like(result.grad_a), result.rows, result.meta_loss
         return normalised_weights(-result.grad_a, result.rows, self.collective), result.rows, result.meta_loss
 
     def step(self, noisy: Batch, clean: Batch) -> dict[str, float]:

@@ -125,7 +125,7 @@ class MLC(Method, name="mlc", config=MLCConfig, capabilities=Capabilities(correc
         self.meta_params = [q for q in self.lcn.parameters() if q.requires_grad]
         self.engine = MetaGradEngine(model, self.optimizer, "soft_ce", k=m.k, meta_grad=m.meta_grad,
                                      discount=engine_discount(m.k, m.discount), collective=collective,
-                                     meta_params=self.meta_params)
+                                     meta_params=self.meta_params, loss_scale=self.loss_scales.meta)
 
     def _targets(self, context: tuple[Tensor, Tensor]) -> Tensor:
         h, noisy_label = context
@@ -143,7 +143,8 @@ class MLC(Method, name="mlc", config=MLCConfig, capabilities=Capabilities(correc
         loss, weight, scale = student_loss(soft, float(noisy.weight), clean_ce,
                                            train.weight if train is not None else 0.0)
         self.engine.record(noisy.x, context, weight=weight, scale=scale)
-        self.optimizer_step(loss, weight)
+        if not self.optimizer_step(loss, weight):  # fp16 skipped the real step: it is no look-ahead
+            self.engine.drop_last()
 
         out = {"train_loss": float(loss.detach()), "noisy_loss": float(soft.detach())}
         if clean_ce is not None:

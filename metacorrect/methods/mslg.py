@@ -100,9 +100,14 @@ class MSLG(Method, name="mslg", config=MSLGConfig, capabilities=Capabilities(cor
             step = Step.optimizer() if m.lookahead_lr is None else Step.plain(m.lookahead_lr)
             result = lookahead_meta_grad(
                 self.model, self.optimizer, "reverse_kl", noisy.x, kl, a, meta.x, meta.label, step=step,
-                weight=noisy.weight, clean_weight=meta.weight, collective=self.collective, meta_grad=m.meta_grad)
+                weight=noisy.weight, clean_weight=meta.weight, collective=self.collective, meta_grad=m.meta_grad,
+                loss_scale=self.loss_scales.meta)
             (grad_rows,) = torch.autograd.grad(a, leaf, result.grad_a)
-            new_rows = (rows - m.label_lr * grad_rows).detach()
+            self.loss_scales.meta.unscale_([grad_rows])  # fp16: the label step in true units, skipped on overflow
+            if self.loss_scales.meta.update():
+                new_rows = (rows - m.label_lr * grad_rows).detach()
+            else:
+                new_rows = rows.detach()
             self.table.write(noisy.ids, new_rows, noisy.label, counts=real)
 
         kl_new = kl(-F.log_softmax(new_rows, dim=1))

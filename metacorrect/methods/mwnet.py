@@ -97,10 +97,12 @@ class MWNet(Method, name="mwnet", config=MWNetConfig, capabilities=Capabilities(
         return lookahead_meta_grad(self.model, self.optimizer, "weighted", noisy.x, lower, u, clean.x, clean.label,
                                    step=Step.plain(first_group(self.optimizer).lr), labels=noisy.label,
                                    weight=noisy.weight, clean_weight=clean.weight, collective=self.collective,
-                                   meta_grad=self.mcfg.meta_grad)
+                                   meta_grad=self.mcfg.meta_grad, loss_scale=self.loss_scales.meta)
 
     def _vnet_step(self, v: Tensor, coeff: Tensor, rows: Rows, total: float) -> None:
-        """Chain dL/du into VNet (through the normalisation, across workers), sum over workers, Adam step."""
+        """Chain dL/du into VNet (through the normalisation, across workers), sum over workers, Adam step.
+        fp16: `coeff` carries the meta loss scale through the VJP; VNet's gradient is unscaled before the step,
+        which is skipped if it overflowed on any worker."""
         if self.mcfg.normalise and total > 0:
             # u_i = W s_i v_i / S, S = Σ_global s v: dL/dv_j = (W s_j / S)(c_j − T / S), T = Σ_global c s v.
             t = float(self.collective.sum((coeff * v.detach() * rows.share).sum().reshape(1).double()).item())
@@ -108,7 +110,8 @@ class MWNet(Method, name="mwnet", config=MWNetConfig, capabilities=Capabilities(
         self.meta_optimizer.zero_grad(set_to_none=False)
         torch.autograd.backward(v, coeff.to(v.dtype))
         self.sum_grads_over_workers(self.meta_params)
-        if rows.total > 0:
+        self.loss_scales.meta.unscale_([p.grad for p in self.meta_params])
+        if self.loss_scales.meta.update() and rows.total > 0:
             self.meta_optimizer.step()
 
     # ---- one iteration --------------------------------------------------------------------------------

@@ -122,15 +122,19 @@ class SoftLabels(Method, name="soft_labels", config=SoftLabelsConfig, capabiliti
             result = lookahead_meta_grad(self.model, self.optimizer, "soft_ce", noisy.x, lower, a, meta.x,
                                          meta.label, step=Step.optimizer(), weight=noisy.weight,
                                          clean_weight=meta.weight, collective=self.collective,
-                                         meta_grad=m.meta_grad)
+                                         meta_grad=m.meta_grad, loss_scale=self.loss_scales.meta)
             (grad,) = torch.autograd.grad(a, params, result.grad_a)
             with torch.no_grad():
                 if self.alpha is not None:
                     grad = self.collective.sum(grad)  # shared α: every worker's rows contribute
-                    self.alpha.sub_(m.label_lr * grad).clamp_(0.0, 1.0)
+                self.loss_scales.meta.unscale_([grad])  # fp16: the label step in true units, skipped on overflow
+                apply = self.loss_scales.meta.update()
+                if self.alpha is not None:
+                    if apply:
+                        self.alpha.sub_(m.label_lr * grad).clamp_(0.0, 1.0)
                     new_targets = smoothed_targets(self.alpha, noisy.label, self.num_classes)
                 else:
-                    new_rows = params.detach() - m.label_lr * grad
+                    new_rows = params.detach() - m.label_lr * grad if apply else params.detach()
                     self.table.write(noisy.ids, new_rows, noisy.label, counts=real)
                     new_targets = F.softmax(new_rows, dim=1)
         if weights is not None:

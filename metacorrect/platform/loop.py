@@ -96,6 +96,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         method.load_state_dict(state["method"])
+        if "loss_scales" in state:  # fp16 only
+            method.loss_scales.load_state_dict(state["loss_scales"])
         best, history, step_history = state["best"], state["history"], state.get("step_history", [])
         at = Position(state["epoch"], state.get("steps_in_epoch", 0),
                       state.get("global_step", sum(int(h["steps"]) for h in history)))
@@ -119,10 +121,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     def snapshot(epoch: int) -> dict[str, Any] | None:
         if rank != 0:
             return None
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "method": method.state_dict(), "epoch": epoch,
-                "steps_in_epoch": at.steps_in_epoch, "global_step": at.global_step, "best": best,
-                "history": history, "step_history": step_history, "config": cfg.to_dict()}
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "method": method.state_dict(), "epoch": epoch,
+                 "steps_in_epoch": at.steps_in_epoch, "global_step": at.global_step, "best": best,
+                 "history": history, "step_history": step_history, "config": cfg.to_dict()}
+        if method.loss_scales.enabled:  # fp16: the scales and skip counts continue where they were
+            state["loss_scales"] = method.loss_scales.state_dict()
+        return state
 
     for epoch in range(at.epoch, train.epochs):
         _seed_everything(seed + 1000 * epoch + rank)  # per epoch, so a resumed run repeats the same draws
@@ -168,15 +173,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             started_step, meta_before = time.perf_counter(), method.meta_clock.seconds
             with precision:
                 out = method.step(noisy, next(clean))
+            if method.loss_scales.enabled:  # an overflowed loss or the gradient norm of a skipped step
+                out = {k: v for k, v in out.items() if math.isfinite(v)}
             window.time(time.perf_counter() - started_step, method.meta_clock.seconds - meta_before)
             sums.add(out, noisy.weight)
             window.add(out, noisy.weight)
             at.steps_in_epoch += 1
             at.global_step += 1
             if train.log_every and at.global_step % train.log_every == 0:
-                row = window.reduce(collective, device, at.global_step, optimizer.param_groups[0]["lr"])
+                row = window.reduce(collective, device, at.global_step, optimizer.param_groups[0]["lr"],
+                                    method.loss_scales.metrics())
                 step_history.append(row)
-        metrics = _reduce(sums, collective, device) | {"steps": at.steps_in_epoch}
+        metrics = _reduce(sums, collective, device) | {"steps": at.steps_in_epoch} | method.loss_scales.metrics()
         train_time = time.time() - started
         scheduler.step()
         collective.sync_module_(model)  # identical BN running stats on every replica before eval/checkpoint
@@ -244,9 +252,11 @@ class StepWindow:
         self.step_s += step_s
         self.meta_s += meta_s
 
-    def reduce(self, collective: Collective, device, global_step: int, lr: float) -> dict[str, float]:
-        """The window's metrics over every worker, as a step row (also kept for the next checkpoint)."""
-        totals = _reduce(self.sums, collective, device)
+    def reduce(self, collective: Collective, device, global_step: int, lr: float,
+               totals_so_far: dict[str, float] | None = None) -> dict[str, float]:
+        """The window's metrics over every worker, as a step row (also kept for the next checkpoint).
+        `totals_so_far`: values that are the same on every worker, logged as they are (fp16's skip counts)."""
+        totals = _reduce(self.sums, collective, device) | (totals_so_far or {})
         now = time.time()
         row = {f"step/{k}": v for k, v in totals.items() if k != "noisy_rows_seen"}
         row |= {"step/lr": lr, STEP_KEY: totals["noisy_rows_seen"] / max(now - self.since, 1e-9),

@@ -106,13 +106,15 @@ def model_state(model: nn.Module) -> tuple[Params, Params]:
 
 
 def clean_gradient(model: nn.Module, params: Params, buffers: Params, x: Tensor, y: Tensor,
-                   loss_fn: MetaLoss = F.cross_entropy) -> tuple[Params, Tensor]:
-    """(∇_w loss_fn(model_w(x), y) at `params`, the loss), in the model's current mode, no running-stat updates."""
+                   loss_fn: MetaLoss = F.cross_entropy, scale: float = 1.0) -> tuple[Params, Tensor]:
+    """(scale · ∇_w loss_fn(model_w(x), y) at `params`, the loss), in the model's current mode, no running-stat
+    updates. `scale`: fp16's gradient scale S_g (`scaling.MetaLossScale`); the loss returned is not scaled."""
     leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
     with frozen_running_stats(model):
         loss = loss_fn(functional_call(model, ({**buffers, **leaves},), (x,)), y)
     names = list(leaves)
-    grads = torch.autograd.grad(loss, [leaves[n] for n in names], allow_unused=True)
+    grads = torch.autograd.grad(loss * scale if scale != 1.0 else loss, [leaves[n] for n in names],
+                                allow_unused=True)
     return {n: torch.zeros_like(leaves[n]) if g is None else g for n, g in zip(names, grads)}, loss.detach()
 
 

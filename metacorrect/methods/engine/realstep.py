@@ -34,6 +34,13 @@ Batch norm: meta passes use the train-mode batch statistics of the real step and
 statistics. Workers: g' is averaged over workers by clean rows that count and r_τ is the row factor
 (`rows.global_rows`); meta-gradients of shared `meta_params` are summed over workers, per-row leaves of
 `targets_fn` (label tables) are complete on each worker and are not reduced.
+
+fp16 (`loss_scale`, `scaling.MetaLossScale`): g' (and γ's clean gradients) are taken of S_g · L_meta and
+unscaled at once; the tangents are c · D_τ ⊙ g' (c = `MetaLossScale.normalise`), so dL/da and the VJP through
+the meta-model carry c. `meta_backward` unscales the meta-gradients, asks `update()` (which also covers whatever
+the caller unscaled before it, e.g. EMLC's teacher losses) and adds them to .grad only when finite
+(`MetaGradResult.finite`). A recorded step whose real step was skipped is dropped (`drop_last`): the weights
+did not move, so it is no look-ahead.
 """
 from __future__ import annotations
 
@@ -51,6 +58,7 @@ from metacorrect.methods.engine.functional import (Family, MetaGrad, MetaLoss, c
                                                    clean_gradient, lower_terms, model_state, recorded_mode,
                                                    target_grad)
 from metacorrect.methods.engine.rows import distributed, global_rows
+from metacorrect.methods.engine.scaling import MetaLossScale
 from metacorrect.methods.engine.sgd import SGDRule, lookahead_steps, momentum_buffers, sgd_rules, sgd_step
 
 DISCOUNTS = ("shrink", "momentum", "projection", "unroll")
@@ -89,6 +97,7 @@ class MetaGradResult:
     target_grads: list[Tensor] = field(default_factory=list)  # dL_meta/da_τ per snapshot used (not unroll)
     gamma: float | None = None  # γ_t (discount "projection")
     unroll_drift: float | None = None  # max |unrolled − real weights| (discount "unroll")
+    finite: bool = True  # fp16: False when the meta-gradient overflowed on some worker (nothing added to .grad)
 
 
 class MetaGradEngine:
@@ -98,12 +107,13 @@ class MetaGradEngine:
     (shrink/momentum/unroll: snapshots per meta step; projection: calls per meta step). meta_grad: "fast" (JVP + VJP)
     or "exact" (double backward). discount: see the module docstring. collective: the platform's (None: one
     worker). meta_params: shared meta-parameters (needed for "projection" and for summing over workers). meta_loss:
-    loss_fn(logits, y) of the clean (upper) loss.
+    loss_fn(logits, y) of the clean (upper) loss. loss_scale: fp16's meta loss scale (None or switched off: none).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, family: Family, k: int = 1,
                  meta_grad: MetaGrad = "fast", discount: str = "shrink", collective: Any = None,
-                 meta_params: Sequence[Tensor] | None = None, meta_loss: MetaLoss = F.cross_entropy):
+                 meta_params: Sequence[Tensor] | None = None, meta_loss: MetaLoss = F.cross_entropy,
+                 loss_scale: MetaLossScale | None = None):
         check_family(family)
         check_meta_grad(meta_grad)
         if discount not in DISCOUNTS:
@@ -123,6 +133,7 @@ class MetaGradEngine:
         self.collective = collective
         self.meta_params = list(meta_params) if meta_params else None
         self.meta_loss = meta_loss
+        self.loss_scale = loss_scale if loss_scale is not None and loss_scale.enabled else None
         self.snapshots: deque[Snapshot] = deque(maxlen=1 if discount == "projection" else self.k)
         self._prev: list[Tensor] | None = None  # projection: the previous accumulated meta-gradient d_{t-1}
         self._count = 0  # projection: calls since the last meta step
@@ -153,6 +164,11 @@ class MetaGradEngine:
             training=self.model.training,
             momentum=momentum_buffers(self.optimizer, self.model, clone=True) if self.discount == "unroll" else None,
         ))
+
+    def drop_last(self) -> None:
+        """Forget the newest recorded step: its real step was skipped (fp16 overflow), the weights did not move."""
+        if self.snapshots:
+            self.snapshots.pop()
 
     def reset(self) -> None:
         """Forget recorded steps and the projection accumulation."""
@@ -224,7 +240,7 @@ class MetaGradEngine:
             pairs.append((self._targets(targets_fn, snap, grad_a.shape), grad_a))
         return pairs
 
-    def _unroll(self, targets_fn: TargetsFn, clean_x: Tensor, clean_y: Tensor
+    def _unroll(self, targets_fn: TargetsFn, clean_x: Tensor, clean_y: Tensor, scale: float = 1.0
                 ) -> tuple[list[tuple[Tensor, Tensor]], float, float]:
         """Exact k-step SGD unroll from the oldest snapshot: (the meta-loss pair, the loss, the weight drift)."""
         snaps = list(self.snapshots)
@@ -250,7 +266,8 @@ class MetaGradEngine:
                                                   (clean_x,)), clean_y)
         current = dict(self.model.named_parameters())
         drift = max((float((w[n].detach() - current[n].detach()).abs().max()) for n in w), default=0.0)
-        return ([(loss, torch.ones_like(loss))] if loss.requires_grad else []), float(loss.detach()), drift
+        seed = torch.ones_like(loss) if scale == 1.0 else torch.full_like(loss, scale)
+        return ([(loss, seed)] if loss.requires_grad else []), float(loss.detach()), drift
 
     def _backward(self, pairs: list[tuple[Tensor, Tensor]]) -> list[Tensor] | None:
         """VJP of Σ ⟨coeff, a⟩ into φ: into the leaves' .grad (no meta_params) or returned per meta-parameter."""
@@ -258,6 +275,9 @@ class MetaGradEngine:
             return [torch.zeros_like(p) for p in self.meta_params] if self.meta_params else None
         outs, cots = [a for a, _ in pairs], [c for _, c in pairs]
         if self.meta_params is None:
+            if self.loss_scale is not None:  # the leaves' own .grad cannot be unscaled here: unscale the cotangents
+                cots = [c.clone() for c in cots]
+                self.loss_scale.unscale_(cots)
             torch.autograd.backward(outs, cots)
             return None
         grads = torch.autograd.grad(outs, self.meta_params, cots, allow_unused=True)
@@ -295,37 +315,56 @@ class MetaGradEngine:
         params_now, buffers_now = model_state(self.model)
         used = len(self.snapshots)
         gamma = drift = None
+        ls = self.loss_scale
+        scale = ls.tangent_scale if ls is not None else 1.0  # the tangents, dL/da and the VJP carry it
         if self.discount == "unroll":
-            pairs, loss, drift = self._unroll(targets_fn, clean_x, clean_y)
+            pairs, loss, drift = self._unroll(targets_fn, clean_x, clean_y, scale)
         else:
-            g_new, loss_t = clean_gradient(self.model, params_now, buffers_now, clean_x, clean_y, self.meta_loss)
+            g_new, loss_t = clean_gradient(self.model, params_now, buffers_now, clean_x, clean_y, self.meta_loss,
+                                           scale=ls.grad_scale if ls is not None else 1.0)
+            if ls is not None:
+                ls.unscale_grads_(g_new.values())
             loss = float(self._mean_over_workers(g_new, loss_t, cw))
-            pairs = self._pairs(targets_fn, g_new)
+            if ls is not None:
+                scale = ls.normalise(g_new, self.directions())
+            pairs = self._pairs(targets_fn, g_new if ls is None else {n: g * scale for n, g in g_new.items()})
             if self.discount == "projection":
                 gamma = self._gamma(g_new, clean_x, clean_y, cw)
         grads = self._sum_over_workers(self._backward(pairs))
-        due = True
         if self.discount == "projection":
             assert grads is not None
-            if self._prev is not None:
-                grads = [g + gamma * p for g, p in zip(grads, self._prev)]
+            if self._prev is not None:  # d_{t-1} is kept unscaled
+                grads = [g + gamma * (p if ls is None else p * scale) for g, p in zip(grads, self._prev)]
+        finite = True
+        if ls is not None:
+            ls.unscale_(grads or [])
+            finite = ls.update()
+        due = finite
+        if self.discount == "projection" and finite:  # an overflowed call leaves the accumulation as it was
+            assert grads is not None
             self._prev = [g.detach().clone() for g in grads]
             self._count += 1
             due = self._count >= self.k
             if due:
                 self._prev, self._count = None, 0
         self.snapshots.clear()
-        if grads is not None:
+        if grads is not None and finite:
             for p, g in zip(self.meta_params, grads):
                 p.grad = g.detach().clone() if p.grad is None else p.grad + g.detach()
-        return MetaGradResult(meta_loss=loss, meta_step=due, snapshots=used, grads=grads,
-                              target_grads=[c.detach() for _, c in pairs] if self.discount != "unroll" else [],
-                              gamma=gamma, unroll_drift=drift)
+        targets = [] if self.discount == "unroll" else [c.detach() for _, c in pairs]
+        if ls is not None and self.meta_params is not None:
+            targets = [c / scale for c in targets]
+        return MetaGradResult(meta_loss=loss, meta_step=due, snapshots=used, grads=grads, target_grads=targets,
+                              gamma=gamma, unroll_drift=drift, finite=finite)
 
     def _gamma(self, g_new: dict[str, Tensor], clean_x: Tensor, clean_y: Tensor, cw: float) -> float:
         """γ_t = ⟨(1 − s) ⊙ g'_t, g_t⟩ / ‖g_t‖², g_t the clean gradient at the old weights."""
         snap = self.snapshots[-1]
-        g_old, old_loss = clean_gradient(self.model, snap.params, snap.buffers, clean_x, clean_y, self.meta_loss)
+        ls = self.loss_scale
+        g_old, old_loss = clean_gradient(self.model, snap.params, snap.buffers, clean_x, clean_y, self.meta_loss,
+                                         scale=ls.grad_scale if ls is not None else 1.0)
+        if ls is not None:
+            ls.unscale_grads_(g_old.values())
         self._mean_over_workers(g_old, old_loss, cw)
         num = sum(float(((1.0 - snap.steps.get(n, 0.0)) * g_new[n] * g_old[n]).sum()) for n in g_new)
         den = sum(float((g_old[n] * g_old[n]).sum()) for n in g_old)

@@ -74,7 +74,7 @@ def ray_head():
         out, _ = start.communicate(timeout=180)
         assert start.returncode == 0, out
         address = f"http://127.0.0.1:{dashboard}"
-        _wait_http(f"{address}/api/version", 60)
+        _wait_http(f"{address}/api/version", 180)  # a loaded 2-core box starts the dashboard slowly
         yield address
     finally:
         stop_group(start.pid)  # every process of this head stays in the group of `ray start`
@@ -95,7 +95,7 @@ def mlflow_server(tmp_path):
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         uri = f"http://127.0.0.1:{port}"
-        _wait_http(f"{uri}/health", 120, server)
+        _wait_http(f"{uri}/health", 300, server)  # mlflow server's first start creates its tables: minutes on a loaded box
         yield uri
     finally:
         stop_group(server.pid)

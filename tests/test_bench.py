@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -218,7 +220,7 @@ def test_suite_of_2_methods_2_settings_2_seeds_tracks_one_parent_and_a_true_lead
 
 @pytest.mark.slow
 def test_an_interrupted_bench_closes_its_runs_and_resumes_without_rerunning_or_duplicating(
-        ray_cluster, workdir, tracking_uri, tmp_path):
+        ray_cluster, workdir, tracking_uri, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
     import metacorrect
@@ -245,8 +247,15 @@ def test_an_interrupted_bench_closes_its_runs_and_resumes_without_rerunning_or_d
     assert finished_run.info.status == "FINISHED"
     checkpoints = sorted(p.name for p in run_dir.glob("checkpoint_*"))
 
-    result = metacorrect.bench(path, resume=True, max_concurrent_trials=1, progress=False)
+    capsys.readouterr()
+    started = time.time()
+    result = metacorrect.bench(path, resume=True, max_concurrent_trials=1)
     assert not result.failed
+    # the progress line counts time from the resume, not from the suite's first start
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("[bench] erm-sym60-seed"))
+    elapsed = re.search(r"2/2 done, (?:(\d+) min )?(\d+) s elapsed\]", line)
+    assert elapsed, line
+    assert int(elapsed[1] or 0) * 60 + int(elapsed[2]) <= time.time() - started + 1, line
     again = client.get_run(finished_run.info.run_id)
     assert again.info.end_time == finished_run.info.end_time, "the finished trial was not run again"
     assert sorted(p.name for p in run_dir.glob("checkpoint_*")) == checkpoints

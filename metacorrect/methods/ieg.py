@@ -151,8 +151,7 @@ class IEG(Method, name="ieg", config=IEGConfig,
         grad_mix = ((onehot - guess) * result.grad_a).sum(1)
         # fp16: ω* and λ* do not depend on the loss scale, but an overflow leaves nothing to decide on: then no
         # row is weighted (as when no row helps the probe loss) and λ stays at mix_init.
-        self.loss_scales.meta.unscale_([grad_weight, grad_mix])
-        if self.loss_scales.meta.update():
+        if self.loss_scales.meta.finish([grad_weight, grad_mix]):
             weight = normalised_weights(-grad_weight, result.rows, self.collective)
             mix = (grad_mix < 0).to(logits.dtype)
         else:

@@ -62,8 +62,7 @@ class L2RW(Method, name="l2rw", config=L2RWConfig, capabilities=Capabilities(wei
                                      clean_weight=clean.weight, collective=self.collective,
                                      meta_grad=self.mcfg.meta_grad, loss_scale=self.loss_scales.meta)
         # fp16: the weights do not depend on the loss scale; an overflow weights no row (as a zero weight sum).
-        self.loss_scales.meta.unscale_([result.grad_a])
-        if not self.loss_scales.meta.update():
+        if not self.loss_scales.meta.finish([result.grad_a]):
             return torch.zeros_like(result.grad_a), result.rows, result.meta_loss
         return normalised_weights(-result.grad_a, result.rows, self.collective), result.rows, result.meta_loss
 

@@ -103,8 +103,8 @@ class MSLG(Method, name="mslg", config=MSLGConfig, capabilities=Capabilities(cor
                 weight=noisy.weight, clean_weight=meta.weight, collective=self.collective, meta_grad=m.meta_grad,
                 loss_scale=self.loss_scales.meta)
             (grad_rows,) = torch.autograd.grad(a, leaf, result.grad_a)
-            self.loss_scales.meta.unscale_([grad_rows])  # fp16: the label step in true units, skipped on overflow
-            if self.loss_scales.meta.update():
+            # fp16: the label step in true units, skipped on overflow
+            if self.loss_scales.meta.finish([grad_rows]):
                 new_rows = (rows - m.label_lr * grad_rows).detach()
             else:
                 new_rows = rows.detach()

@@ -110,8 +110,7 @@ class MWNet(Method, name="mwnet", config=MWNetConfig, capabilities=Capabilities(
         self.meta_optimizer.zero_grad(set_to_none=False)
         torch.autograd.backward(v, coeff.to(v.dtype))
         self.sum_grads_over_workers(self.meta_params)
-        self.loss_scales.meta.unscale_([p.grad for p in self.meta_params])
-        if self.loss_scales.meta.update() and rows.total > 0:
+        if self.loss_scales.meta.finish([p.grad for p in self.meta_params]) and rows.total > 0:
             self.meta_optimizer.step()
 
     # ---- one iteration --------------------------------------------------------------------------------

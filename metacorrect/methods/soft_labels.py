@@ -127,8 +127,7 @@ class SoftLabels(Method, name="soft_labels", config=SoftLabelsConfig, capabiliti
             with torch.no_grad():
                 if self.alpha is not None:
                     grad = self.collective.sum(grad)  # shared α: every worker's rows contribute
-                self.loss_scales.meta.unscale_([grad])  # fp16: the label step in true units, skipped on overflow
-                apply = self.loss_scales.meta.update()
+                apply = self.loss_scales.meta.finish([grad])  # fp16: the label step in true units, skipped on overflow
                 if self.alpha is not None:
                     if apply:
                         self.alpha.sub_(m.label_lr * grad).clamp_(0.0, 1.0)

@@ -220,6 +220,11 @@ def make_progress(num_trials: int, enabled: bool = True):
             self.started = time.time()
             self.done = 0
 
+        def setup(self, **info: Any) -> None:
+            # A resumed suite gets this object back from Tune's saved state, as it was when the suite began:
+            # time and pace count from now, or the hours between the two would make the ETA days.
+            self.started, self.done = time.time(), 0
+
         def on_trial_complete(self, iteration: int, trials: list, trial, **info: Any) -> None:
             self.done += 1
             last = trial.last_result or {}

@@ -8,6 +8,7 @@ Layout under `tracking.storage_path`:
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -49,9 +50,7 @@ class SweepOptions:
         if self.search not in SEARCHES:
             problems.append(f"search: expected one of {', '.join(SEARCHES)}, got '{self.search}'")
         elif self.search == "optuna":
-            try:
-                import optuna  # noqa: F401
-            except ImportError:
+            if importlib.util.find_spec("optuna") is None:
                 problems.append("search: 'optuna' needs the optuna package (pip install 'optuna>=3')")
             if any("grid" in spec for spec in space.values()):
                 problems.append("search: optuna cannot take grid entries; use choice instead")

@@ -135,6 +135,12 @@ class MetaLossScale:
         remembered for `update`."""
         self._unscale(tensors, 1, self.tangent.value if self._factor is None else self._factor)
 
+    def finish(self, tensors: Iterable[Tensor | None]) -> bool:
+        """`unscale_` the meta update's finished quantities, then `update()`: True when they are finite on every
+        worker (apply them), False when the step is to be skipped."""
+        self.unscale_(tensors)
+        return self.update()
+
     def _unscale(self, tensors: Iterable[Tensor | None], slot: int, value: float) -> None:
         if not self.enabled:
             return

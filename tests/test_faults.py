@@ -134,6 +134,34 @@ def test_a_killed_worker_is_retried_from_the_last_commit_and_every_epoch_is_logg
     assert {p.name for p in run_dir.glob("checkpoint_epoch*")} == _committed(run_dir)
 
 
+def test_a_checkpoint_left_half_written_by_a_killed_worker_is_removed_and_a_live_ones_kept(tmp_path):
+    """A worker writes each checkpoint in its node's temporary directory before Ray copies it into the run
+    directory; killed in between, it leaves that copy behind, which the next start of any run on the node
+    removes. One being written by a live process stays."""
+    import subprocess
+    import sys
+
+    from metacorrect.platform.records import STAGING_PREFIX, remove_orphaned_staging
+
+    writer = ("import sys, time\n"
+              "from metacorrect.platform.records import staging_dir\n"
+              "d = staging_dir('checkpoint_epoch0002'); (d / 'model.pt').write_bytes(b'x' * 1000)\n"
+              "print(d, flush=True); time.sleep(600)\n")
+    killed = subprocess.Popen([sys.executable, "-c", writer], stdout=subprocess.PIPE, text=True,
+                              env=os.environ | {"TMPDIR": str(tmp_path)})
+    try:
+        left = Path(killed.stdout.readline().strip())
+        assert left.parent == tmp_path and (left / "model.pt").is_file()
+    finally:
+        killed.kill()  # SIGKILL, by pid: no cleanup code of its own runs
+        killed.wait()
+    live = tmp_path / f"{STAGING_PREFIX}{os.getpid()}-checkpoint_epoch0003-x1y2"  # this process's, being written
+    live.mkdir()
+    assert left.exists()
+    assert remove_orphaned_staging(tmp_path) == 1 and not left.exists()
+    assert live.exists(), "a live writer's directory is never removed"
+
+
 # ---- bad data --------------------------------------------------------------------------------------------------
 def _copy(data: Path, tmp_path: Path) -> tuple[Path, Path]:
     copy = tmp_path / "data"

@@ -8,7 +8,7 @@ thread (Ray commits a report on its next poll of the workers, up to 2 s later, a
 
 On every start of the loop (a new run, a driver restarted with the same name, or a worker group restarted by
 Ray after a failure) the committed state is restored, checkpoint directories that were written but never
-committed are removed, and committed epochs that MLflow does not hold yet (the process died between commit
+committed are removed (with the node-local copies that killed workers left half-written), and committed epochs that MLflow does not hold yet (the process died between commit
 and logging) are logged. So MLflow holds each epoch and each logged step once, in order, and only work a
 resumed run continues from; its history is what an uninterrupted run would have logged. Mid-epoch checkpoints
 (`train.checkpoint_every`) carry every worker's position in the epoch (`epoch_position.py`).
@@ -35,6 +35,9 @@ STEP_KEY = "step/samples_per_s"  # logged with every step row (its steps are the
 EPOCH_KEY = "lr"  # a metric of every epoch row (its steps are the epochs MLflow holds; `epoch` itself is a tag)
 MID_EPOCH = "mid_epoch"  # in the report of a mid-epoch checkpoint (sweeps forward only epoch reports to Tune)
 BEST_DIR = "best"  # run_dir/best: the best epoch's model by validation accuracy, apart from the kept checkpoints
+# A checkpoint is written on the worker's node first (Ray copies it into the run directory and we delete it); the
+# name carries the writing process's pid, so one left by a killed worker is known as orphaned and removed.
+STAGING_PREFIX = "metacorrect-checkpoint-"
 
 
 def checkpoint_name(epoch: int, step_in_epoch: int = 0) -> str:
@@ -71,6 +74,33 @@ def load_positions(directory: str | Path) -> dict[int, dict[str, Any]]:
             for f in Path(directory).glob(RANK_FILE.format(rank="*"))}
 
 
+def staging_dir(name: str) -> Path:
+    """A new directory in the node's temporary directory to write checkpoint `name` in before Ray copies it."""
+    return Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-{name}-"))
+
+
+def remove_orphaned_staging(root: str | Path | None = None) -> int:
+    """Remove the staging directories (`staging_dir`) under `root` (default: the temporary directory) whose
+    writing process is gone, as after a worker killed mid-checkpoint; returns how many."""
+    removed = 0
+    for path in Path(root or tempfile.gettempdir()).glob(f"{STAGING_PREFIX}*"):
+        pid = path.name[len(STAGING_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed += 1
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 class RunRecords:
     """Checkpoints and MLflow metrics of one worker's training loop (only rank 0 writes)."""
 
@@ -89,6 +119,7 @@ class RunRecords:
         """The committed state to continue from (None for a fresh run), with `positions`: every worker's position
         file of a mid-epoch checkpoint, by rank. Rank 0 removes uncommitted checkpoint directories and logs
         committed epochs and steps that MLflow lacks."""
+        remove_orphaned_staging()  # this node's, left by workers killed while writing (every rank: every node)
         checkpoint = self._latest_committed()
         state = None
         if checkpoint is not None:
@@ -156,7 +187,7 @@ class RunRecords:
             self.local_root.mkdir(parents=True, exist_ok=True)
             directory = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.local_root))
         else:
-            directory = Path(tempfile.mkdtemp(prefix=f"{name}_"))
+            directory = staging_dir(name)
         if state is not None:
             ckpt.write_state(directory, state, extras)
         if position is not None:

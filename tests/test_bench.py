@@ -256,6 +256,11 @@ def test_an_interrupted_bench_closes_its_runs_and_resumes_without_rerunning_or_d
     elapsed = re.search(r"2/2 done, (?:(\d+) min )?(\d+) s elapsed\]", line)
     assert elapsed, line
     assert int(elapsed[1] or 0) * 60 + int(elapsed[2]) <= time.time() - started + 1, line
+    # its summary counts what this call ran, and the suite's time over both calls (the parent's wall_s)
+    assert result.ran == 1 and result.total_wall_s > result.wall_s
+    assert "2 trials, 1 of them in this run's" in str(result) and "over all its runs" in str(result)
+    assert MlflowClient(tracking_uri).get_run(result.parent_run_id).data.metrics["wall_s"] == \
+        pytest.approx(result.total_wall_s)
     again = client.get_run(finished_run.info.run_id)
     assert again.info.end_time == finished_run.info.end_time, "the finished trial was not run again"
     assert sorted(p.name for p in run_dir.glob("checkpoint_*")) == checkpoints

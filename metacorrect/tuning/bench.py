@@ -327,8 +327,10 @@ class BenchResult:
     tracking_uri: str
     leaderboard: Any  # metacorrect.tuning.leaderboard.Leaderboard
     failed: list[str] = field(default_factory=list)  # trial keys that failed
-    wall_s: float = 0.0
+    wall_s: float = 0.0  # this call's
     interrupted: bool = False  # stopped (Ctrl-C) before every trial ended: `--resume` continues it
+    ran: int | None = None  # trials this call finished (None: all of them, or a report)
+    total_wall_s: float | None = None  # over every call that ran the suite (the parent's `wall_s`)
 
     def __str__(self) -> str:
         from metacorrect.platform.results import where
@@ -336,9 +338,12 @@ class BenchResult:
         failed = f"\nFAILED trials (not in the tables): {', '.join(self.failed)}" if self.failed else ""
         stopped = (f"\nINTERRUPTED: {len(self.leaderboard.trials)} of {self.leaderboard.num_trials} trials finished; "
                    f"--resume continues the suite") if self.interrupted else ""
+        timing = f"trials in {self.wall_s / 60:.1f} min"
+        if self.ran is not None and self.ran < self.leaderboard.num_trials:  # a resumed suite
+            timing = (f"trials, {self.ran} of them in this run's {self.wall_s / 60:.1f} min "
+                      f"({(self.total_wall_s or self.wall_s) / 60:.1f} min over all its runs)")
         return (f"{self.leaderboard.to_markdown()}{failed}{stopped}\nsuite {self.name}: {self.leaderboard.num_trials} "
-                f"trials in {self.wall_s / 60:.1f} min, MLflow parent run {self.parent_run_id}\n"
-                f"{where(self.tracking_uri)}")
+                f"{timing}, MLflow parent run {self.parent_run_id}\n{where(self.tracking_uri)}")
 
 
 def bench(suite: str | Path | dict[str, Any], resume: bool = False, overrides: list[str] | None = None,
@@ -390,6 +395,11 @@ def bench(suite: str | Path | dict[str, Any], resume: bool = False, overrides: l
               f"worker(s) x {per_worker} CPU" + (f" + {r.gpus_per_worker} GPU" if r.use_gpu else ""), flush=True)
     from metacorrect.tuning.leaderboard import log_leaderboard, read_leaderboard
 
+    def finished() -> int:
+        return sum((bench_dir / TRIAL_RUNS / t.key / TRIAL_RESULT_FILE).is_file() for t in trials)
+
+    finished_before = finished()
+    wall_before = tracking.client(uri).get_run(parent_id).data.metrics.get("wall_s", 0.0) if resumed else 0.0
     with tracking.parent_closed_on_failure(uri, parent_id):
         grid = _tuner(context, trials, concurrency, bench_dir, resume, progress).fit()
         failed = sorted(r.config.get("trial") for r in grid if r.error)
@@ -398,12 +408,14 @@ def bench(suite: str | Path | dict[str, Any], resume: bool = False, overrides: l
         tracking.end_open_children(uri, parent_id, "KILLED" if interrupted else "FAILED")  # trials that died open
         board = read_leaderboard(uri, parent_id)
         result = BenchResult(name=name, path=str(bench_dir), parent_run_id=parent_id, tracking_uri=uri,
-                             leaderboard=board, failed=failed, wall_s=time.time() - started, interrupted=interrupted)
+                             leaderboard=board, failed=failed, wall_s=time.time() - started, interrupted=interrupted,
+                             ran=finished() - finished_before)
+        result.total_wall_s = wall_before + result.wall_s
         log_leaderboard(uri, parent_id, board)
         c = tracking.client(uri)
         c.log_metric(parent_id, "trials", len(trials))
         c.log_metric(parent_id, "failed_trials", len(failed))
-        c.log_metric(parent_id, "wall_s", result.wall_s)
+        c.log_metric(parent_id, "wall_s", result.total_wall_s)  # the suite's time, summed over its runs
     tracking.end_run(uri, parent_id, "KILLED" if interrupted else "FAILED" if failed else "FINISHED")
     return result
 
@@ -423,8 +435,9 @@ def report(suite: str | Path | dict[str, Any], overrides: list[str] | None = Non
     uri = info["tracking_uri"]
     board = read_leaderboard(uri, info["run_id"])
     run = tracking.client(uri).get_run(info["run_id"])
+    wall_s = run.data.metrics.get("wall_s", math.nan)
     return BenchResult(name=name, path=str(marker.parent), parent_run_id=info["run_id"], tracking_uri=uri,
-                       leaderboard=board, wall_s=run.data.metrics.get("wall_s", math.nan))
+                       leaderboard=board, wall_s=wall_s, total_wall_s=wall_s)
 
 
 def _plan_concurrency(spec: Suite, requested: int | None, num_trials: int) -> tuple[int, float]:

@@ -8,10 +8,11 @@ thread (Ray commits a report on its next poll of the workers, up to 2 s later, a
 
 On every start of the loop (a new run, a driver restarted with the same name, or a worker group restarted by
 Ray after a failure) the committed state is restored, checkpoint directories that were written but never
-committed are removed (with the node-local copies that killed workers left half-written), and committed epochs that MLflow does not hold yet (the process died between commit
-and logging) are logged. So MLflow holds each epoch and each logged step once, in order, and only work a
-resumed run continues from; its history is what an uninterrupted run would have logged. Mid-epoch checkpoints
-(`train.checkpoint_every`) carry every worker's position in the epoch (`epoch_position.py`).
+committed are removed (with the node-local copies that killed workers left half-written), and committed epochs
+that MLflow does not hold yet (the process died between commit and logging) are logged. So MLflow holds each
+epoch and each logged step once, in order, and only work a resumed run continues from; its history is what an
+uninterrupted run would have logged. Mid-epoch checkpoints (`train.checkpoint_every`) carry every worker's
+position in the epoch (`epoch_position.py`).
 """
 from __future__ import annotations
 

@@ -409,8 +409,7 @@ def bench(suite: str | Path | dict[str, Any], resume: bool = False, overrides: l
         board = read_leaderboard(uri, parent_id)
         result = BenchResult(name=name, path=str(bench_dir), parent_run_id=parent_id, tracking_uri=uri,
                              leaderboard=board, failed=failed, wall_s=time.time() - started, interrupted=interrupted,
-                             ran=finished() - finished_before)
-        result.total_wall_s = wall_before + result.wall_s
+                             ran=finished() - finished_before, total_wall_s=wall_before + time.time() - started)
         log_leaderboard(uri, parent_id, board)
         c = tracking.client(uri)
         c.log_metric(parent_id, "trials", len(trials))

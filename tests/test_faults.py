@@ -143,7 +143,7 @@ def test_a_checkpoint_left_half_written_by_a_killed_worker_is_removed_and_a_live
 
     from metacorrect.platform.records import STAGING_PREFIX, remove_orphaned_staging
 
-    writer = ("import sys, time\n"
+    writer = ("import time\n"
               "from metacorrect.platform.records import staging_dir\n"
               "d = staging_dir('checkpoint_epoch0002'); (d / 'model.pt').write_bytes(b'x' * 1000)\n"
               "print(d, flush=True); time.sleep(600)\n")

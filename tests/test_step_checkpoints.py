@@ -21,7 +21,7 @@ from procs import start_cli, stop_group, wait_until
 pytestmark = pytest.mark.slow
 
 NOISY_ROWS = 1138
-BATCH = 16  # 72 steps an epoch: room to stop one in the middle
+BATCH = 32  # 36 steps an epoch: room to stop one in the middle
 EVERY = 10
 LOG_EVERY = 4
 EPOCHS = 2  # killed inside the second

@@ -6,6 +6,7 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,7 @@ def make_optimizer(cfg: ExperimentConfig, model: torch.nn.Module):
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     cfg = ExperimentConfig.from_dict(loop_config["experiment"])
     run = RunContext(**loop_config["run"])
+    shard = loop_config["datasets"].shard
     torch.set_num_threads(run.torch_threads)
     ray.data.DataContext.get_current().enable_progress_bars = False
     quiet.quiet_this_process()
@@ -108,9 +110,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                   + (f", step {at.steps_in_epoch} of epoch {at.epoch + 1}" if at.steps_in_epoch else ""))
 
     local_bs = train.batch_size // world
-    clean = CleanCycle(ray.train.get_dataset_shard("clean"), train.clean_batch_size // world, device, norm,
-                       meta.counts["clean_train"], seed=seed * 7919 + rank * 104729, augment=cfg.data.augment)
-    noisy_shard = ray.train.get_dataset_shard("noisy")
+    clean = CleanCycle(shard("clean"), train.clean_batch_size // world, device, norm, meta.counts["clean_train"],
+                       seed=seed * 7919 + rank * 104729, augment=cfg.data.augment)
+    noisy_shard = shard("noisy")
     template = empty_rows(meta, device)
     trace = _IdTrace(train.trace_ids_dir, rank)
     measured = None  # train.eval_noisy: known on part of the noisy set: a mask of the measured ids
@@ -189,7 +191,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         scheduler.step()
         collective.sync_module_(model)  # identical BN running stats on every replica before eval/checkpoint
         evaluated, extras = _evaluate_epoch(cfg, method, meta, norm, collective, device, rank,
-                                            last=epoch + 1 == train.epochs, measured=measured)
+                                            last=epoch + 1 == train.epochs, shard=shard, measured=measured)
         metrics |= evaluated
         improved = False
         for prefix in [""] + [f"{name}_" for name in _eval_models(method)]:  # the student, then e.g. IEG's EMA
@@ -308,18 +310,16 @@ def _eval_models(method) -> dict:
 
 
 def _evaluate_epoch(cfg: ExperimentConfig, method, meta, norm: Normaliser, collective: Collective, device,
-                    rank: int, last: bool, measured: torch.Tensor | None = None
+                    rank: int, last: bool, shard: Callable[[str], Any], measured: torch.Tensor | None = None
                     ) -> tuple[dict[str, float], dict[str, bytes]]:
     """Val/test accuracy, the model's label recovery on the noisy set and, for label-correcting methods,
     the accuracy of their corrected labels (exported with the last checkpoint)."""
     batch_size = cfg.train.eval_batch_size
-    metrics = evaluate(method.model, ray.train.get_dataset_shard("val"), norm, collective, batch_size, device, "val")
-    metrics |= evaluate(method.model, ray.train.get_dataset_shard("test"), norm, collective, batch_size, device,
-                        "test")
+    metrics = evaluate(method.model, shard("val"), norm, collective, batch_size, device, "val")
+    metrics |= evaluate(method.model, shard("test"), norm, collective, batch_size, device, "test")
     for name, model in _eval_models(method).items():
         for split in ("val", "test"):
-            metrics |= evaluate(model, ray.train.get_dataset_shard(split), norm, collective, batch_size, device,
-                                f"{name}_{split}")
+            metrics |= evaluate(model, shard(split), norm, collective, batch_size, device, f"{name}_{split}")
     extras: dict[str, bytes] = {}
     if last and rank == 0:  # the method's own tables (e.g. learned labels), logged to MLflow under labels/
         exported = method.export_files()
@@ -334,7 +334,7 @@ def _evaluate_epoch(cfg: ExperimentConfig, method, meta, norm: Normaliser, colle
     if measured is not None:
         split, counted = ("noisy_eval", measured) if last else ("noisy_known", None)
     noisy_metrics, corrected, weights = evaluate_noisy(
-        method, ray.train.get_dataset_shard(split), norm, collective, batch_size, meta.num_classes, device,
+        method, shard(split), norm, collective, batch_size, meta.num_classes, device,
         corrected=method.capabilities.corrects_labels, export=last, weights=method.capabilities.weighs_samples,
         counted=counted)
     metrics |= noisy_metrics

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import ray
 from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
 from ray.train.v2._internal.execution.scaling_policy import create_scaling_policy
 from ray.train.v2._internal.util import ObjectRefWrapper
 
@@ -42,7 +43,7 @@ class Trainer(TorchTrainer):
                 scaling_policy=create_scaling_policy(self.scaling_config),
                 failure_policy=RetryTransientFailures(self.run_config.failure_config, self._journal),
                 train_run_context=self.train_run_context,
-                callbacks=self._create_default_callbacks(),
+                callbacks=self._callbacks(),
                 validation_config=self.validation_config)
         except KeyboardInterrupt:
             self._abort()
@@ -56,6 +57,13 @@ class Trainer(TorchTrainer):
         if result.error:
             raise result.error
         return result
+
+    def _callbacks(self) -> list:
+        """Ray Train's default callbacks, less the datasets one when no dataset streams through Ray Train: it
+        would start a DatasetManager actor for nothing (the cached splits reach the workers with the loop's
+        config, `data_config.RunDatasets`)."""
+        callbacks = self._create_default_callbacks()
+        return [cb for cb in callbacks if self.datasets or not isinstance(cb, DatasetsCallback)]
 
     def _register_sigint_handler(self, controller) -> None:
         """Called by Ray in the main thread once the controller exists: Ctrl-C and SIGTERM interrupt `fit`."""

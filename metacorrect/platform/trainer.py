@@ -12,6 +12,7 @@ import numpy as np
 import ray
 import ray.data
 import ray.train
+from ray.data.dataset import MaterializedDataset
 
 from metacorrect.config import DataConfig, ExperimentConfig
 from metacorrect.datasets.contract import DataError, DatasetMeta, read_meta
@@ -23,7 +24,7 @@ from metacorrect.datasets.validate import check_dataset
 from metacorrect.platform import checkpoint as ckpt
 from metacorrect.platform import plots, run_layout, tracking
 from metacorrect.platform.cluster import ensure_ray
-from metacorrect.platform.data_config import ExactSplitDataConfig
+from metacorrect.platform.data_config import ExactSplitDataConfig, RunDatasets
 from metacorrect.platform.failure_policy import FAILURES_FILE, one_line, root_error
 from metacorrect.platform.torch_trainer import Trainer
 from metacorrect.platform.loop import RunContext, train_loop_per_worker
@@ -122,19 +123,23 @@ def build_trainer(cfg: ExperimentConfig, data_dir: Path, meta: DatasetMeta, *, n
     cpus = _cpus_per_worker(cfg)
     eval_ids = _measured_noisy_ids(cfg, data_dir, storage / name)
     datasets = _datasets(cfg, data_dir, meta, eval_ids)
+    data_config = ExactSplitDataConfig(SPLIT_ACROSS_WORKERS, deterministic=cfg.data.deterministic)
+    cached = {k: ds for k, ds in datasets.items() if isinstance(ds, MaterializedDataset)}
+    context = RunContext(
+        data_dir=str(data_dir), tracking_uri=uri, mlflow_run_id=run_id, run_dir=str(storage / name),
+        torch_threads=max(1, math.floor(cpus)),
+        eval_ids_file=str(storage / name / EVAL_IDS_FILE) if eval_ids is not None else None,
+        local_checkpoints=None if workers else str(storage / name / "local_checkpoints"), progress=progress)
     resources = {"CPU": cpus} | ({"GPU": cfg.resources.gpus_per_worker} if cfg.resources.use_gpu else {})
     return Trainer(
         train_loop_per_worker,
         journal=storage / name / FAILURES_FILE,
-        train_loop_config={"experiment": cfg.to_dict(), "run": vars(RunContext(
-            data_dir=str(data_dir), tracking_uri=uri, mlflow_run_id=run_id, run_dir=str(storage / name),
-            torch_threads=max(1, math.floor(cpus)),
-            eval_ids_file=str(storage / name / EVAL_IDS_FILE) if eval_ids is not None else None,
-            local_checkpoints=None if workers else str(storage / name / "local_checkpoints"), progress=progress))},
+        train_loop_config={"experiment": cfg.to_dict(), "run": vars(context),
+                           "datasets": RunDatasets(cached, data_config)},
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=cfg.resources.use_gpu,
                                                resources_per_worker=resources if workers else None),
-        datasets=datasets,
-        dataset_config=ExactSplitDataConfig(SPLIT_ACROSS_WORKERS, deterministic=cfg.data.deterministic),
+        datasets={k: ds for k, ds in datasets.items() if k not in cached},  # the streamed ones
+        dataset_config=data_config,
         run_config=ray.train.RunConfig(
             name=name, storage_path=str(storage),
             failure_config=ray.train.FailureConfig(max_failures=cfg.resources.max_failures),

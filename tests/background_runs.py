@@ -11,9 +11,11 @@ Most of the rest of the suite waits on Ray starting and stopping processes with 
 starts this module as a subprocess with the session's first Ray test: it trains every run of `PLANNED` in order
 and pickles each result into a directory, from which `background_runs` picks it up. Each run is claimed (a file
 created exclusively) before it is trained: a run the session asks for before the background reached it, or one
-not planned here, is trained in the test process instead, so a run of one file never waits on a queue. The driver runs join the session's cluster; the two-worker runs start a cluster of
-their own, so their CPUs never keep a test's run waiting for its resources on the session's two. Its MLflow
-store is a SQLite file of its own, so two processes never write one database.
+not planned here, is trained in the test process instead, so a run of one file never waits on a queue. This
+process runs on a Ray cluster of its own (RAY_ADDRESS=local), started with the session's first test: its runs
+overlap the tests that run before the session's cluster starts, and its CPUs never keep a test's run waiting for
+its resources on the session's two. Its MLflow store is a SQLite file of its own, so two processes never write
+one database.
 
     python tests/background_runs.py OUT_DIR WORKDIR TRACKING_URI KIND[,KIND...]
 
@@ -118,20 +120,12 @@ def save(out_dir: Path, key: tuple, result) -> None:
 
 def _two_worker_runs(out_dir: Path, workdir: Path, tracking_uri: str) -> None:
     """Every ("two_workers", m) not taken by the test session, two at a time (on 2 cores most of a short run is
-    Ray starting and stopping processes, which overlaps well), on a Ray cluster of this process's own; then
-    (actors left, placement groups left, runs checked)."""
+    Ray starting and stopping processes, which overlaps well); then (actors left, placement groups left, runs
+    checked)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    import ray
     from ray_state import alive_actors, left_behind
 
-    from metacorrect.platform.cluster import ensure_ray
-
-    ray.shutdown()  # leave the session's cluster
-    os.environ["RAY_ADDRESS"] = "local"
-    ensure_ray()
-    # Ray's state API reads RAY_ADDRESS before its `address` argument: "local" would make it look for clusters.
-    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     keys = iter([("two_workers", m) for m in TWO_WORKER_METHODS])
     trained = []
 
@@ -141,24 +135,31 @@ def _two_worker_runs(out_dir: Path, workdir: Path, tracking_uri: str) -> None:
                 save(out_dir, key, train(workdir, tracking_uri, key))
                 trained.append(key)
 
-    try:
-        before = alive_actors()
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            for future in [pool.submit(work) for _ in range(2)]:
-                future.result()
-        save(out_dir, LEFT_BEHIND, (*left_behind(before), len(trained)))
-    finally:
-        ray.shutdown()
+    before = alive_actors()
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for future in [pool.submit(work) for _ in range(2)]:
+            future.result()
+    save(out_dir, LEFT_BEHIND, (*left_behind(before), len(trained)))
 
 
 def main(out: str, workdir: str, tracking_uri: str, kinds: str) -> None:
+    import ray
+
+    from metacorrect.platform.cluster import ensure_ray
+
     out_dir, wanted = Path(out), set(kinds.split(","))
     out_dir.mkdir(parents=True, exist_ok=True)
-    for key in PLANNED:
-        if key[0] in wanted and key[0] not in ("two_workers", *LEFT_BEHIND) and claim(out_dir, key):
-            save(out_dir, key, train(Path(workdir), tracking_uri, key))
-    if "two_workers" in wanted:
-        _two_worker_runs(out_dir, Path(workdir), tracking_uri)
+    ensure_ray()  # RAY_ADDRESS=local: a cluster of this process's own
+    # Ray's state API reads RAY_ADDRESS before its `address` argument: "local" would make it look for clusters.
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    try:
+        for key in PLANNED:
+            if key[0] in wanted and key[0] not in ("two_workers", *LEFT_BEHIND) and claim(out_dir, key):
+                save(out_dir, key, train(Path(workdir), tracking_uri, key))
+        if "two_workers" in wanted:
+            _two_worker_runs(out_dir, Path(workdir), tracking_uri)
+    finally:
+        ray.shutdown()
 
 
 if __name__ == "__main__":

@@ -116,9 +116,10 @@ def _background_wanted(request) -> tuple[str, ...]:
 
 
 @pytest.fixture(scope="session")
-def _background_process(request, ray_cluster, digits_noisy, workdir):
-    """tests/background_runs.py started beside the suite when a test that uses its runs is selected; None
-    otherwise. Ended (its process group, by pid) when the session ends, if it is still running."""
+def _background_process(request, digits_noisy, workdir):
+    """tests/background_runs.py started beside the suite, on a Ray cluster of its own, when a test that uses its
+    runs is selected; None otherwise. Ended (its process group, by pid) when the session ends, if it is still
+    running."""
     import subprocess
 
     from procs import stop_group
@@ -127,8 +128,7 @@ def _background_process(request, ray_cluster, digits_noisy, workdir):
         yield None
         return
     out, log = workdir / "background-runs", workdir / "background-runs.log"
-    env = os.environ | {"RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address,
-                        "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = os.environ | {"RAY_ADDRESS": "local", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     with open(log, "wb") as sink:
         proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("background_runs.py")), str(out),
                                  str(workdir), f"sqlite:///{workdir / 'mlruns-background' / 'mlflow.db'}",
@@ -142,9 +142,10 @@ def _background_process(request, ray_cluster, digits_noisy, workdir):
 
 @pytest.fixture(autouse=True)
 def _start_background_runs(request, _background_wanted):
-    """The background runs start with the first test that uses the Ray cluster (not with the first file that
-    needs them); the tests before it may still check that nothing started Ray."""
-    if _background_wanted and "ray_cluster" in request.fixturenames:
+    """The background runs start with the session's first test, so that they overlap the tests without the
+    session's cluster too (those run first: unit tests, and the ones that start Ray clusters of their own). Its
+    Ray runs in another process: the tests that check that nothing started Ray in this one still can."""
+    if _background_wanted:
         request.getfixturevalue("_background_process")
 
 

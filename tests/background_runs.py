@@ -8,7 +8,7 @@
   placement groups those runs left (Ray's state API, this process's job), which must be none.
 
 Most of the rest of the suite waits on Ray starting and stopping processes with a core to spare, so conftest
-starts this module as a subprocess with the session's first Ray test: it trains every run of `PLANNED` in order
+starts this module as a subprocess with the session's first test: it trains every run of `PLANNED` in order
 and pickles each result into a directory, from which `background_runs` picks it up. Each run is claimed (a file
 created exclusively) before it is trained: a run the session asks for before the background reached it, or one
 not planned here, is trained in the test process instead, so a run of one file never waits on a queue. This

@@ -61,8 +61,8 @@ class RunDatasets:
     with the same `ExactSplitDataConfig.configure` (a static split of the block list, no actor). Streamed splits
     go through Ray Train (`ray.train.get_dataset_shard`): its DatasetManager actor and one coordinator actor
     per split. Ray Train starts that DatasetManager for every run that hands it datasets, and a worker's first
-    `get_dataset_shard` waits on it: ~3 s of each run's start on 2 cores, which a run whose splits are all
-    cached (digits, CIFAR-size data) no longer pays.
+    `get_dataset_shard` waits on it: a run whose splits are all cached (digits, CIFAR-size data) starts ~2 s
+    sooner on 2 cores without it (benchmarks/run_startup.py).
     """
 
     def __init__(self, cached: dict[str, MaterializedDataset], config: ExactSplitDataConfig):

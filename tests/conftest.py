@@ -204,13 +204,14 @@ def digits_runs(background_runs):
 def erm_two_workers_one_killed(ray_cluster, digits_noisy, workdir, tracking_uri):
     """erm on two Ray Train workers with test_workers_e2e's settings, one worker SIGKILLed by pid once epoch 2's
     checkpoint is written: Ray retries from the last commit. The fault test checks the retry and the records,
-    test_workers_e2e uses it as erm's two-worker run (a retried run must still learn what one worker learns)."""
+    test_workers_e2e uses it as erm's two-worker run (a retried run must still learn what one worker learns).
+    Returns (result, run directory, the killed pid, Ray Train dataset managers started by the run)."""
     import signal
     import threading
     import time
 
     from background_runs import workers_config
-    from ray_state import train_worker_pids
+    from ray_state import actors_started, train_worker_pids
 
     from metacorrect.platform.trainer import run
 
@@ -218,6 +219,7 @@ def erm_two_workers_one_killed(ray_cluster, digits_noisy, workdir, tracking_uri)
         ["tracking.run_name=erm-one-worker-killed", "resources.num_workers=2"])
     run_dir = workdir / "runs" / "erm-one-worker-killed"
     outcome = {}
+    managers = actors_started("DatasetManager")
     driver = threading.Thread(target=lambda: outcome.update(result=run(cfg, progress=False)))
     driver.start()
     killed = None
@@ -230,4 +232,4 @@ def erm_two_workers_one_killed(ray_cluster, digits_noisy, workdir, tracking_uri)
         os.kill(killed, signal.SIGKILL)  # one worker: the other sees a collective error
     finally:
         driver.join(timeout=300)
-    return outcome["result"], run_dir, killed
+    return outcome["result"], run_dir, killed, actors_started("DatasetManager") - managers

@@ -31,6 +31,14 @@ def alive_actors() -> dict[str, str]:
             for a in list_actors(address=_address(), filters=[("state", "=", "ALIVE"), ("job_id", "=", _job())])}
 
 
+def actors_started(class_name: str) -> int:
+    """How many actors of `class_name` this job has started, alive or not."""
+    from ray.util.state import list_actors
+
+    return len(list_actors(address=_address(), filters=[("class_name", "=", class_name), ("job_id", "=", _job())],
+                           limit=10000))
+
+
 def train_worker_pids() -> list[int]:
     """Pids of this job's alive Ray Train workers (a test kills one by pid)."""
     from ray.util.state import list_actors

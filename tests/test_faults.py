@@ -122,8 +122,10 @@ def test_driver_stopped_three_ways_then_resumed_logs_each_epoch_once_as_an_unint
 
 @pytest.mark.slow
 def test_a_killed_worker_is_retried_from_the_last_commit_and_every_epoch_is_logged_once(erm_two_workers_one_killed):
-    result, run_dir, killed = erm_two_workers_one_killed
+    result, run_dir, killed, managers = erm_two_workers_one_killed
     assert killed, "a worker was killed"
+    # digits fits in the object store: the cached splits reach both attempts' workers with the loop's arguments
+    assert managers == 0, "no Ray Train dataset manager is started for a run with nothing to stream"
     uri = result.tracking_uri
     for key in ("val_accuracy", "lr"):
         assert [s for s, _ in _history(uri, result.mlflow_run_id, key)] == list(range(1, EPOCHS + 1)), key
@@ -233,6 +235,9 @@ def test_a_damaged_image_fails_the_run_once_with_one_line_and_is_not_retried(ray
     _rewrite(shard, "image", lambda v: v[:5] + [v[5][:10]] + v[6:])  # raw 8x8 pixels cut to 10 bytes
     bad_id = pq.read_table(shard, columns=["id"])["id"][5].as_py()
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    from ray_state import actors_started
+
+    managers = actors_started("DatasetManager")
     # Not cached in the object store, so the shard is read inside the Ray Train workers.
     code, err = _cli_lines(capsys, [
         "run", "configs/digits_demo.yaml", "--name", "damaged", *_sets([
@@ -245,3 +250,4 @@ def test_a_damaged_image_fails_the_run_once_with_one_line_and_is_not_retried(ray
     assert [d["decision"] for d in decisions] == ["raise"], "raised at the first attempt, max_failures unused"
     assert decisions[0]["deterministic"] and all(e.startswith(expected) for e in decisions[0]["errors"].values())
     assert _client(uri).get_run(_run_id(run_dir)).info.status == "FAILED"
+    assert actors_started("DatasetManager") > managers, "streamed splits go through Ray Train's dataset manager"

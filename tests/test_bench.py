@@ -19,12 +19,13 @@ METHOD_FILES = sorted((ROOT / "configs" / "methods").glob("*.yaml"))
 
 
 def _suite(tmp_path, workdir, tracking_uri, experiment, methods, settings, seeds, epochs=1):
-    """A tiny suite on digits: the cost of a trial on 2 cores is Ray Train's start, not the epochs."""
+    """A tiny suite on digits, each trial's loop in its Tune trial (`num_workers: 0`): on 2 cores a trial on a
+    Ray Train worker costs mostly Ray Train's start (test_sweep.py's ASHA sweep runs its trials on workers)."""
     return {"name": experiment, "base": {
         "data": {"prepare": {"source": "digits", "clean_per_class": 10, "val_per_class": 20}},
         "model": {"arch": "small_cnn", "width": 8},
         "train": {"epochs": epochs, "batch_size": 64, "clean_batch_size": 32, "log_every": 0},
-        "resources": {"num_workers": 1, "max_failures": 0},
+        "resources": {"num_workers": 0, "max_failures": 0},
         "tracking": {"uri": tracking_uri, "storage_path": str(workdir / "benches"), "experiment": experiment,
                      "system_metrics": False, "log_model": False}},
         "data_root": str(workdir / "bench-data"), "settings": settings, "methods": methods, "seeds": seeds}
@@ -166,7 +167,8 @@ def test_a_suite_interrupted_then_resumed_tracks_one_parent_each_trial_once_and_
     assert "RUNNING" not in {c.info.status for c in children}, "no child run is left RUNNING"
     finished_run = client.get_run(json.loads((run_dir / "mlflow_run.json").read_text())["run_id"])
     assert finished_run.info.status == "FINISHED"
-    checkpoints = sorted(p.name for p in run_dir.glob("checkpoint_*"))
+    checkpoints = sorted(p.name for p in (run_dir / "local_checkpoints").glob("checkpoint_*"))
+    assert checkpoints, "the trial's loop ran in its Tune trial and kept its own checkpoints"
 
     capsys.readouterr()
     started = time.time()
@@ -183,7 +185,10 @@ def test_a_suite_interrupted_then_resumed_tracks_one_parent_each_trial_once_and_
     assert client.get_run(result.parent_run_id).data.metrics["wall_s"] == pytest.approx(result.total_wall_s)
     again = client.get_run(finished_run.info.run_id)
     assert again.info.end_time == finished_run.info.end_time, "the finished trial was not run again"
-    assert sorted(p.name for p in run_dir.glob("checkpoint_*")) == checkpoints
+    assert sorted(p.name for p in (run_dir / "local_checkpoints").glob("checkpoint_*")) == checkpoints
+    # the resume (no --max-concurrent) kept the first start's plan: Tune restores 2 trials at a time, and 2 trials
+    # of a whole CPU each would leave Ray Data none on 2 cores
+    assert json.loads((bench_dir / "trial_plan.json").read_text()) == {"concurrency": 2, "cpus_per_worker": 0.5}
     parents = client.search_runs([client.get_run(result.parent_run_id).info.experiment_id],
                                  filter_string="tags.`bench.role` = 'parent' and tags.bench = 'bench-killed'")
     assert len(parents) == 1 and parents[0].info.run_id == parent_id, "the resumed suite reuses its parent run"

@@ -121,6 +121,36 @@ def test_driver_stopped_three_ways_then_resumed_logs_each_epoch_once_as_an_unint
 
 
 @pytest.mark.slow
+def test_a_local_mode_run_stopped_by_sigterm_is_killed_in_mlflow_and_resumes_to_each_epoch_once(
+        ray_cluster, digits_noisy, tmp_path):
+    """`num_workers: 0` runs the loop in the driver without Ray Train: SIGTERM still ends it as KILLED (exit 143)
+    and the same name resumes from its own committed checkpoint."""
+    from metacorrect.config import ExperimentConfig
+    from metacorrect.platform.trainer import run
+
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    sets = ["resources.num_workers=0", "model.width=8", "train.epochs=4", f"data.path={digits_noisy}",
+            f"tracking.uri={uri}", f"tracking.storage_path={tmp_path / 'runs'}", "tracking.run_name=local"]
+    log = tmp_path / "driver.log"
+    driver = start_cli(["run", "configs/digits_demo.yaml", *_sets(sets)], log,
+                       {"RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address})
+    try:
+        wait_until(lambda: _printed_epochs(log) >= 1, driver, 240, "the first epoch")
+        driver.send_signal(signal.SIGTERM)
+        assert driver.wait(timeout=120) == 143, log.read_text()[-3000:]
+    finally:
+        stop_group(driver.pid)
+    run_dir = tmp_path / "runs" / "local"
+    run_id = _run_id(run_dir)
+    assert _client(uri).get_run(run_id).info.status == "KILLED"
+    assert list((run_dir / "local_checkpoints").glob("checkpoint_epoch*")), "it had committed an epoch"
+
+    resumed = run(ExperimentConfig.from_yaml("configs/digits_demo.yaml", sets), progress=False)
+    assert resumed.mlflow_run_id == run_id and _client(uri).get_run(run_id).info.status == "FINISHED"
+    assert [s for s, _ in _history(uri, run_id)] == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
 def test_a_killed_worker_is_retried_from_the_last_commit_and_every_epoch_is_logged_once(erm_two_workers_one_killed):
     result, run_dir, killed, managers = erm_two_workers_one_killed
     assert killed, "a worker was killed"

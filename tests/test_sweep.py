@@ -12,11 +12,12 @@ from procs import kill_cli_after_line
 SPACE = {"optim.lr": {"loguniform": [0.01, 0.2]}, "train.seed": {"grid": [0, 1]}}
 
 
-def _config(data_path, workdir, tracking_uri, experiment, epochs=2):
+def _config(data_path, workdir, tracking_uri, experiment, epochs=2, workers=1):
     # Tiny on purpose: the cost of a trial on 2 cores is Ray Train's start (~15 s), not the epochs.
+    # workers=0: each trial runs its loop itself, without Ray Train.
     return ExperimentConfig.from_dict({
         "data": {"path": str(data_path)}, "train": {"epochs": epochs, "eval_noisy": "off"},
-        "model": {"arch": "small_cnn", "width": 8}, "resources": {"num_workers": 1, "max_failures": 0},
+        "model": {"arch": "small_cnn", "width": 8}, "resources": {"num_workers": workers, "max_failures": 0},
         "tracking": {"uri": tracking_uri, "storage_path": str(workdir / "sweeps"), "experiment": experiment}})
 
 
@@ -203,7 +204,7 @@ def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(
 
     import metacorrect
 
-    cfg = _config(digits_noisy, workdir, tracking_uri, "sweep-resume", epochs=1)
+    cfg = _config(digits_noisy, workdir, tracking_uri, "sweep-resume", epochs=1, workers=0)
     config_file, space_file = tmp_path / "config.yaml", tmp_path / "space.yaml"
     cfg.to_yaml(config_file)
     space = {"optim.lr": {"loguniform": [0.01, 0.2]}}
@@ -219,7 +220,8 @@ def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(
     client = MlflowClient(tracking_uri)
     finished_run = client.get_run(__import__("json").loads((run_dir / "mlflow_run.json").read_text())["run_id"])
     assert finished_run.info.status == "FINISHED"
-    checkpoints = sorted(p.name for p in run_dir.glob("checkpoint_*"))
+    checkpoints = sorted(p.name for p in (run_dir / "local_checkpoints").glob("checkpoint_*"))
+    assert checkpoints, "the trial's loop ran in its Tune trial and kept its own checkpoints"
     started_before = {p.name for p in (workdir / "sweeps" / "killed" / "trial_runs").iterdir()}
 
     result = metacorrect.sweep(cfg, space, num_samples=2, scheduler="fifo", max_concurrent_trials=1, name="killed",
@@ -230,7 +232,7 @@ def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(
     assert finished in set(table["trial_id"]) and started_before <= {f"trial-{t}" for t in table["trial_id"]}
     again = client.get_run(finished_run.info.run_id)
     assert again.info.end_time == finished_run.info.end_time, "the finished trial was not run again"
-    assert sorted(p.name for p in run_dir.glob("checkpoint_*")) == checkpoints
+    assert sorted(p.name for p in (run_dir / "local_checkpoints").glob("checkpoint_*")) == checkpoints
     assert len(client.get_metric_history(finished_run.info.run_id, "val_accuracy")) == 1
 
     _, children = _children(tracking_uri, result.parent_run_id)

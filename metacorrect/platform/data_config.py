@@ -5,10 +5,15 @@ Ray's Train DatasetManager actor unpickles these classes, so this module imports
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import ray.train
 from ray.data import ExecutionOptions
 from ray.data.context import DataContext
-from ray.data.dataset import MaterializedDataset
+from ray.data.dataset import Dataset, MaterializedDataset
+
+if TYPE_CHECKING:
+    from metacorrect.platform.placement import Placement
 
 
 class ExactSplitDataConfig(ray.train.DataConfig):
@@ -55,35 +60,41 @@ class ExactSplitDataConfig(ray.train.DataConfig):
 
 
 class RunDatasets:
-    """The run's datasets as each worker takes them (`shard(name)`).
+    """The run's datasets as each worker takes them (`shard(name, placement)`).
 
     Splits cached in the object store travel with the train loop's config and each worker splits them itself,
     with the same `ExactSplitDataConfig.configure` (a static split of the block list, no actor). Streamed splits
     go through Ray Train (`ray.train.get_dataset_shard`): its DatasetManager actor and one coordinator actor
     per split. Ray Train starts that DatasetManager for every run that hands it datasets, and a worker's first
     `get_dataset_shard` waits on it: a run whose splits are all cached (digits, CIFAR-size data) starts ~2 s
-    sooner on 2 cores without it (benchmarks/run_startup.py).
+    sooner on 2 cores without it (benchmarks/run_startup.py). In local mode (`num_workers: 0`, no Ray Train)
+    the streamed splits travel here too (`streamed`), and the one worker reads each whole.
     """
 
-    def __init__(self, cached: dict[str, MaterializedDataset], config: ExactSplitDataConfig):
+    def __init__(self, cached: dict[str, MaterializedDataset], config: ExactSplitDataConfig,
+                 streamed: dict[str, Dataset] | None = None):
         self.cached = cached
         self.config = config
+        self.streamed = streamed or {}
         self._shards: dict[str, object] = {}  # this worker's, made on first use
 
     def __getstate__(self) -> dict:
-        return {"cached": self.cached, "config": self.config}
+        return {"cached": self.cached, "config": self.config, "streamed": self.streamed}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["cached"], state["config"])
+        self.__init__(state["cached"], state["config"], state.get("streamed"))
 
-    def shard(self, name: str):
+    def shard(self, name: str, placement: Placement):
         """This worker's `DataIterator` of dataset `name` (one per run: each epoch iterates it again)."""
         if name not in self._shards:
             if name in self.cached:
-                context = ray.train.get_context()
-                parts = self.config.configure({name: self.cached[name]}, world_size=context.get_world_size(),
+                parts = self.config.configure({name: self.cached[name]}, world_size=placement.world,
                                               worker_handles=None, worker_node_ids=None)
-                self._shards[name] = parts[context.get_world_rank()][name]
+                self._shards[name] = parts[placement.rank][name]
+            elif name in self.streamed:  # local mode: the only worker streams it whole, no split coordinator
+                ds = self.streamed[name].copy(self.streamed[name])
+                ds.context.execution_options = self.config._resolve_execution_options(name)
+                self._shards[name] = ds.iterator()
             else:
                 self._shards[name] = ray.train.get_dataset_shard(name)
         return self._shards[name]

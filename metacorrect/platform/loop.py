@@ -1,4 +1,5 @@
-"""The per-worker training loop that every Ray Train worker runs (and `num_workers: 0` runs in the driver)."""
+"""The per-worker training loop that every Ray Train worker runs (and, with `num_workers: 0`, the driver or a
+Tune trial runs itself)."""
 from __future__ import annotations
 
 import json
@@ -13,8 +14,6 @@ from typing import Any
 
 import numpy as np
 import ray.data
-import ray.train
-import ray.train.torch
 import torch
 
 from metacorrect.config import ExperimentConfig
@@ -26,6 +25,7 @@ from metacorrect.platform import quiet
 from metacorrect.platform.batches import CleanCycle, Normaliser, empty_rows, iterate, to_batch
 from metacorrect.platform.collective import Collective
 from metacorrect.platform.evaluate import evaluate, evaluate_noisy
+from metacorrect.platform.placement import Placement
 from metacorrect.platform.global_batches import global_batches
 from metacorrect.platform.epoch_position import ConsumedIds, EpochSums, read_positions, set_rng_state, write_position
 from metacorrect.platform.precision import step_precision
@@ -44,6 +44,7 @@ class RunContext:
     local_checkpoints: str | None = None  # num_workers=0: our own committed checkpoints (Ray copies none)
     eval_ids_file: str | None = None  # train.eval_noisy: known, fewer than all rows: the measured noisy ids
     progress: bool = True  # one line per epoch from rank 0
+    tune_reports: bool = False  # local mode in a Tune trial: each committed epoch is reported to Tune here
 
 
 def make_optimizer(cfg: ExperimentConfig, model: torch.nn.Module):
@@ -62,13 +63,17 @@ def make_optimizer(cfg: ExperimentConfig, model: torch.nn.Module):
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     cfg = ExperimentConfig.from_dict(loop_config["experiment"])
     run = RunContext(**loop_config["run"])
-    shard = loop_config["datasets"].shard
     torch.set_num_threads(run.torch_threads)
     ray.data.DataContext.get_current().enable_progress_bars = False
     quiet.quiet_this_process()
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
+    # local mode runs without Ray Train (its checkpoints are our own): placement and data from this process
+    place = Placement.this_process() if run.local_checkpoints else Placement.train_worker()
+    rank, world, device = place.rank, place.world, place.device
+    datasets = loop_config["datasets"]
+
+    def shard(name: str):
+        return datasets.shard(name, place)
+
     collective = Collective.from_process_group(device)
     meta = read_meta(run.data_dir)
     norm = Normaliser.from_meta(meta, device)
@@ -86,9 +91,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                                     meta.counts["noisy_train"], collective, tuple(meta.image_shape)))
 
     train = cfg.train
-    monitor = _system_monitor(cfg, run, context)
+    monitor = _system_monitor(cfg, run, place)
     records = RunRecords(run.run_dir, run.tracking_uri, run.mlflow_run_id, rank, run.local_checkpoints,
-                         keep=train.keep_checkpoints)
+                         keep=train.keep_checkpoints, tune_reports=run.tune_reports)
     at = Position()
     best, history, step_history = {}, [], []
     resumed = None
@@ -215,17 +220,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         monitor.finish()
 
 
-def _system_monitor(cfg: ExperimentConfig, run: RunContext, context):
-    """MLflow's system-metrics monitor on the first worker of each node (the driver in local mode); its metrics
-    carry the node's rank when the run spans several nodes."""
-    if not cfg.tracking.system_metrics or context.get_local_rank() != 0:
+def _system_monitor(cfg: ExperimentConfig, run: RunContext, place: Placement):
+    """MLflow's system-metrics monitor on the first worker of each node (the process that runs the loop in local
+    mode); its metrics carry the node's rank when the run spans several nodes."""
+    if not cfg.tracking.system_metrics or place.local_rank != 0:
         return None
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-    nodes = context.get_world_size() > context.get_local_world_size()
     monitor = SystemMetricsMonitor(run.mlflow_run_id, sampling_interval=cfg.tracking.system_metrics_interval_s,
                                    resume_logging=True, tracking_uri=run.tracking_uri,
-                                   node_id=f"node{context.get_node_rank()}" if nodes else None)
+                                   node_id=f"node{place.node_rank}" if place.nodes else None)
     monitor.start()
     return monitor
 

@@ -43,15 +43,25 @@ def quiet_this_process() -> None:
     from ray.train.v2._internal.execution import context
 
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    logging.getLogger("ray.train.v2.api.config").setLevel(logging.WARNING)  # "Running in local mode" (INFO)
     # torch's forward-mode AD (the meta-gradients' JVP) scripts its decompositions on first use, and torch 2.9
     # warns that scripting is deprecated: torch's own internals, nothing a user can act on.
     warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
     logging.getLogger(PROGRESS_LOGGER).setLevel(logging.ERROR)
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # "started/terminated monitoring"
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial MLflow database tables"
+    # Ray Data warns that a dataset "will hang" whenever no CPU is free at the instant it starts; with trials
+    # that run their loops themselves, another trial's data tasks briefly hold the CPUs a sweep leaves to Ray
+    # Data (`resources.data_cpus`), and nothing hangs.
+    logging.getLogger("ray.data.dataset").addFilter(_NoCpuNotice())
     for handler in logging.getLogger("ray.data").handlers:
         if not hasattr(handler, "baseFilename") and type(handler).__name__ != "SessionFileHandler":
             handler.setLevel(logging.WARNING)
+
+
+class _NoCpuNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "does not have any available CPUs" not in record.getMessage()
 
 
 def quiet_local_cluster_start() -> None:

@@ -35,6 +35,7 @@ PREFIX = "checkpoint_epoch"
 STEP_KEY = "step/samples_per_s"  # logged with every step row (its steps are the steps MLflow holds)
 EPOCH_KEY = "lr"  # a metric of every epoch row (its steps are the epochs MLflow holds; `epoch` itself is a tag)
 MID_EPOCH = "mid_epoch"  # in the report of a mid-epoch checkpoint (sweeps forward only epoch reports to Tune)
+CHECKPOINT_PATH_KEY = "checkpoint_path"  # where a Tune report's checkpoint is (the key of Ray's TuneReportCallback)
 BEST_DIR = "best"  # run_dir/best: the best epoch's model by validation accuracy, apart from the kept checkpoints
 # A checkpoint is written on the worker's node first (Ray copies it into the run directory and we delete it); the
 # name carries the writing process's pid, so one left by a killed worker is known as orphaned and removed.
@@ -102,13 +103,20 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def latest_local_checkpoint(root: Path) -> ray.train.Checkpoint | None:
+    """The newest committed checkpoint of a local-mode run (`num_workers: 0`), whose checkpoints are our own."""
+    found = sorted(root.glob(f"{PREFIX}*")) if root.is_dir() else []
+    return ray.train.Checkpoint.from_directory(str(found[-1])) if found else None
+
+
 class RunRecords:
     """Checkpoints and MLflow metrics of one worker's training loop (only rank 0 writes)."""
 
     def __init__(self, run_dir: str | Path, tracking_uri: str, mlflow_run_id: str, rank: int,
-                 local_checkpoints: str | None = None, keep: int = 2):
+                 local_checkpoints: str | None = None, keep: int = 2, tune_reports: bool = False):
         self.run_dir = Path(run_dir)
         self.keep = keep
+        self.tune_reports = tune_reports
         self.uri, self.run_id, self.rank = tracking_uri, mlflow_run_id, rank
         self.local_root = Path(local_checkpoints) if local_checkpoints else None
         self._logger = ThreadPoolExecutor(1, thread_name_prefix="mlflow-log") if rank == 0 and not self.local_root \
@@ -135,8 +143,7 @@ class RunRecords:
 
     def _latest_committed(self) -> ray.train.Checkpoint | None:
         if self.local_root:
-            found = sorted(self.local_root.glob(f"{PREFIX}*")) if self.local_root.is_dir() else []
-            return ray.train.Checkpoint.from_directory(str(found[-1])) if found else None
+            return latest_local_checkpoint(self.local_root)
         return ray.train.get_checkpoint()
 
     def _remove_uncommitted(self) -> None:
@@ -168,17 +175,20 @@ class RunRecords:
         directory = None
         if self.rank == 0 or position is not None:
             directory = self._write(name, state, extras or {}, position)
-        try:
-            checkpoint = ray.train.Checkpoint.from_directory(str(directory)) if directory else None
-            ray.train.report(report, checkpoint=checkpoint, checkpoint_dir_name=name)
-        finally:
-            if directory and not self.local_root:  # Ray copied it into the run directory
-                ckpt.discard(directory)
+        if not self.local_root:  # Ray Train's report: a barrier of the workers, and Ray's commit
+            try:
+                checkpoint = ray.train.Checkpoint.from_directory(str(directory)) if directory else None
+                ray.train.report(report, checkpoint=checkpoint, checkpoint_dir_name=name)
+            finally:
+                if directory:  # Ray copied it into the run directory
+                    ckpt.discard(directory)
         if self.rank != 0:
             return
         if self.local_root:  # committed by the rename in _write
             ckpt.prune(self.local_root, keep=self.keep, prefix=PREFIX)
             self._after_commit(list(rows), pending_best)
+            if self.tune_reports and not report.get(MID_EPOCH):
+                self._report_to_tune(report, directory)
         else:
             self._pending.append(self._logger.submit(self._log_when_committed, list(rows), pending_best))
 
@@ -225,6 +235,16 @@ class RunRecords:
                 os.rename(keep, old)
             os.rename(best, keep)
             shutil.rmtree(old, ignore_errors=True)
+
+    @staticmethod
+    def _report_to_tune(report: dict[str, float], checkpoint: Path) -> None:
+        """What a sweep trial's Ray Train callback forwards from workers (the epoch's report and where its
+        checkpoint is), sent from this process: a trial in local mode runs its loop in the Tune trial itself.
+        Once the checkpoint is committed and the epoch logged, as with workers; Tune's schedulers compare trials
+        at epochs, so mid-epoch reports are not sent."""
+        from ray import tune
+
+        tune.report(report | {CHECKPOINT_PATH_KEY: str(checkpoint)})
 
     def _raise_logging_errors(self) -> None:
         done = [f for f in self._pending if f.done()]

@@ -34,8 +34,8 @@ class Trainer(TorchTrainer):
         self._signal: int | None = None
 
     def fit(self):
-        if self.running_in_local_mode:  # the loop runs in this process: nothing to retry or abort
-            return super().fit()
+        if self.running_in_local_mode:
+            return self._fit_in_this_process()
         handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             result = self._initialize_and_run_controller(
@@ -58,12 +58,34 @@ class Trainer(TorchTrainer):
             raise result.error
         return result
 
+    def _fit_in_this_process(self) -> ray.train.Result:
+        """Local mode (`num_workers: 0`): the loop in this process, without Ray Train, whose training APIs refuse
+        to run inside a Tune trial (Ray 2.60); the loop keeps its own checkpoints. Nothing to retry or abort: an
+        error or Ctrl-C propagates as is, and SIGTERM as `Terminated`, so the run is closed as KILLED."""
+        import threading
+
+        from metacorrect.platform.records import latest_local_checkpoint
+
+        main = threading.current_thread() is threading.main_thread()  # a Tune trial runs it in another thread
+        previous = signal.signal(signal.SIGTERM, self._terminate) if main else None
+        try:
+            self.train_loop_per_worker(self.train_loop_config)
+        finally:
+            if main:
+                signal.signal(signal.SIGTERM, previous)
+        checkpoint = latest_local_checkpoint(Path(self.train_loop_config["run"]["local_checkpoints"]))
+        return ray.train.Result(metrics=None, checkpoint=checkpoint, error=None, path=None)
+
     def _callbacks(self) -> list:
         """Ray Train's default callbacks, less the datasets one when no dataset streams through Ray Train: it
         would start a DatasetManager actor for nothing (the cached splits reach the workers with the loop's
         config, `data_config.RunDatasets`)."""
         callbacks = self._create_default_callbacks()
         return [cb for cb in callbacks if self.datasets or not isinstance(cb, DatasetsCallback)]
+
+    @staticmethod
+    def _terminate(signum, frame):
+        raise Terminated()
 
     def _register_sigint_handler(self, controller) -> None:
         """Called by Ray in the main thread once the controller exists: Ctrl-C and SIGTERM interrupt `fit`."""

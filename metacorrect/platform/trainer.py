@@ -117,28 +117,33 @@ def open_tracked_run(uri: str, cfg: ExperimentConfig, meta: DatasetMeta, data_di
 
 
 def build_trainer(cfg: ExperimentConfig, data_dir: Path, meta: DatasetMeta, *, name: str, storage: Path, uri: str,
-                  run_id: str, callbacks: list[Any] | None = None, progress: bool = True) -> Trainer:
-    """The `TorchTrainer` of one run (Ray must be up): the same `storage/name` resumes from its checkpoint."""
+                  run_id: str, callbacks: list[Any] | None = None, progress: bool = True,
+                  tune_reports: bool = False) -> Trainer:
+    """The `TorchTrainer` of one run (Ray must be up): the same `storage/name` resumes from its checkpoint.
+    `callbacks` are Ray Train's (they see the workers' reports); `tune_reports`: in local mode, the loop itself
+    reports each epoch to the Tune trial it runs in (Ray Train calls no callback then)."""
     workers = cfg.resources.num_workers
     cpus = _cpus_per_worker(cfg)
     eval_ids = _measured_noisy_ids(cfg, data_dir, storage / name)
     datasets = _datasets(cfg, data_dir, meta, eval_ids)
     data_config = ExactSplitDataConfig(SPLIT_ACROSS_WORKERS, deterministic=cfg.data.deterministic)
     cached = {k: ds for k, ds in datasets.items() if isinstance(ds, MaterializedDataset)}
+    streamed = {k: ds for k, ds in datasets.items() if k not in cached}
     context = RunContext(
         data_dir=str(data_dir), tracking_uri=uri, mlflow_run_id=run_id, run_dir=str(storage / name),
         torch_threads=max(1, math.floor(cpus)),
         eval_ids_file=str(storage / name / EVAL_IDS_FILE) if eval_ids is not None else None,
-        local_checkpoints=None if workers else str(storage / name / "local_checkpoints"), progress=progress)
+        local_checkpoints=None if workers else str(storage / name / "local_checkpoints"), progress=progress,
+        tune_reports=tune_reports and not workers)
     resources = {"CPU": cpus} | ({"GPU": cfg.resources.gpus_per_worker} if cfg.resources.use_gpu else {})
     return Trainer(
         train_loop_per_worker,
         journal=storage / name / FAILURES_FILE,
         train_loop_config={"experiment": cfg.to_dict(), "run": vars(context),
-                           "datasets": RunDatasets(cached, data_config)},
+                           "datasets": RunDatasets(cached, data_config, None if workers else streamed)},
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=cfg.resources.use_gpu,
                                                resources_per_worker=resources if workers else None),
-        datasets={k: ds for k, ds in datasets.items() if k not in cached},  # the streamed ones
+        datasets=streamed if workers else {},  # through Ray Train's dataset machinery to its workers
         dataset_config=data_config,
         run_config=ray.train.RunConfig(
             name=name, storage_path=str(storage),

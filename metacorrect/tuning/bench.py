@@ -25,7 +25,8 @@ from typing import Any
 
 from metacorrect.config import ConfigError, ExperimentConfig, PrepareConfig, read_config_yaml, read_method_yaml
 from metacorrect.config import read_yaml_mapping
-from metacorrect.tuning.trial import TRIAL_RESULT_FILE, _check_params, _epoch_reports, write_trial_result
+from metacorrect.tuning.trial import (TRIAL_RESULT_FILE, _check_params, build_trial_trainer,
+                                      describe_trial_resources, trial_resources, write_trial_result)
 
 SUITE_KEYS = ("name", "description", "base", "overrides", "settings", "methods", "seeds", "data_root",
               "max_concurrent_trials")
@@ -34,7 +35,6 @@ ENTRY_KEYS = ("file", "label", "overrides")  # the other keys of a method entry 
 TRIAL_RUNS = "trial_runs"
 PLAN_FILE = "plan.json"
 EXPORT_FILE = "predictions.parquet"
-DRIVER_CPUS = 0.05
 
 
 @dataclass
@@ -191,8 +191,6 @@ def _load_base(base: Any, folder: Path, where: str, overrides: list[str], proble
     if cfg.data.path:
         problems.append(f"{where}: base: data.path is set; a suite prepares one data set per setting and seed from "
                         f"data.prepare (put them elsewhere with data_root)")
-    if cfg.resources.num_workers < 1:
-        problems.append(f"{where}: base: resources.num_workers: a trial is a Ray Train run and needs >= 1 worker")
     return cfg
 
 
@@ -317,6 +315,7 @@ class BenchContext:
     parent_run_id: str
     bench_name: str
     trial_storage: str
+    resources: dict[str, float]  # Tune's reservation for each trial's own process (`trial.trial_resources`)
 
 
 @dataclass
@@ -377,7 +376,7 @@ def bench(suite: str | Path | dict[str, Any], resume: bool = False, overrides: l
             data_dirs[(setting.label, seed)], _ = ensure_trainable_dataset(spec.data_config(setting, seed), progress)
     ensure_ray()
     uri = tracking.resolve_tracking_uri(spec.base.tracking.uri)
-    concurrency, per_worker = _plan_concurrency(spec, max_concurrent_trials, len(trials))
+    concurrency, per_worker = _plan_concurrency(spec, max_concurrent_trials, len(trials), bench_dir, resume)
 
     parent_id, resumed = tracking.start_run(uri, spec.base.tracking.experiment, name, bench_dir,
                                             tags={"bench": name, "bench.role": "parent"})
@@ -385,14 +384,14 @@ def bench(suite: str | Path | dict[str, Any], resume: bool = False, overrides: l
         (bench_dir / PLAN_FILE).write_text(json.dumps(plan, indent=1))
         _log_parent_start(uri, parent_id, spec)
     contexts = _trial_contexts(trials, data_dirs, per_worker, name, parent_id)
+    trial_base = spec.base.with_values({"resources.cpus_per_worker": per_worker})
     context = BenchContext(trials=contexts, tracking_uri=uri, parent_run_id=parent_id, bench_name=name,
-                           trial_storage=str(bench_dir / TRIAL_RUNS))
+                           trial_storage=str(bench_dir / TRIAL_RUNS), resources=trial_resources(trial_base))
     if progress:
-        r = spec.base.resources
         print(f"[bench] {'resuming' if resumed else 'starting'} suite {name}: {len(spec.methods)} method(s) x "
               f"{len(spec.settings)} setting(s) x {len(spec.seeds)} seed(s) = {len(trials)} trials, "
-              f"{spec.base.train.epochs} epochs each; up to {concurrency} at a time, each {r.num_workers} "
-              f"worker(s) x {per_worker} CPU" + (f" + {r.gpus_per_worker} GPU" if r.use_gpu else ""), flush=True)
+              f"{spec.base.train.epochs} epochs each; up to {concurrency} at a time, each "
+              f"{describe_trial_resources(trial_base)}", flush=True)
     from metacorrect.tuning.leaderboard import log_leaderboard, read_leaderboard
 
     def finished() -> int:
@@ -439,13 +438,14 @@ def report(suite: str | Path | dict[str, Any], overrides: list[str] | None = Non
                        leaderboard=board, wall_s=wall_s, total_wall_s=wall_s)
 
 
-def _plan_concurrency(spec: Suite, requested: int | None, num_trials: int) -> tuple[int, float]:
+def _plan_concurrency(spec: Suite, requested: int | None, num_trials: int, bench_dir: Path,
+                      resume: bool) -> tuple[int, float]:
     """(trials at a time, CPUs per worker), as a sweep plans them (the trials that run together fit the cluster
-    and leave `resources.data_cpus` to Ray Data)."""
-    from metacorrect.tuning.sweep import SweepOptions, plan_trials
+    and leave `resources.data_cpus` to Ray Data), and as the suite's first start planned them when resuming."""
+    from metacorrect.tuning.sweep import SweepOptions, kept_trial_plan
 
     options = SweepOptions(max_concurrent_trials=requested or spec.max_concurrent_trials)
-    concurrency, cfg = plan_trials(spec.base, options, num_trials)
+    concurrency, cfg = kept_trial_plan(spec.base, options, num_trials, bench_dir, resume)
     return concurrency, cfg.resources.cpus_per_worker
 
 
@@ -478,7 +478,7 @@ def _tuner(context: BenchContext, trials: list[TrialSpec], concurrency: int, ben
         import logging
 
         logging.getLogger("ray.tune.utils.util").setLevel(logging.ERROR)
-    trainable = tune.with_resources(tune.with_parameters(run_bench_trial, context=context), {"cpu": DRIVER_CPUS})
+    trainable = tune.with_resources(tune.with_parameters(run_bench_trial, context=context), context.resources)
     if resume and tune.Tuner.can_restore(str(bench_dir)):
         return tune.Tuner.restore(str(bench_dir), trainable, resume_unfinished=True, resume_errored=True)
     return tune.Tuner(
@@ -522,8 +522,8 @@ def run_bench_trial(params: dict[str, Any], context: BenchContext) -> None:
     meta = read_meta(data_dir)
     run_id, _ = trainer.open_tracked_run(context.tracking_uri, cfg, meta, data_dir, key, run_dir,
                                          tags=spec["tags"] | {"trial_id": tune.get_context().get_trial_id()})
-    run = trainer.build_trainer(cfg, data_dir, meta, name=key, storage=storage, uri=context.tracking_uri,
-                                run_id=run_id, callbacks=[_epoch_reports()], progress=False)
+    run = build_trial_trainer(cfg, data_dir, meta, name=key, storage=storage, uri=context.tracking_uri,
+                              run_id=run_id)
     result = trainer.fit_tracked(run, context.tracking_uri, run_id, key, run_dir, close_on_failure=False)
     if result.checkpoint is not None:
         from metacorrect.platform import tracking

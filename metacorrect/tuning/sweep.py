@@ -20,12 +20,14 @@ from typing import Any
 
 from metacorrect.config import ConfigError, ExperimentConfig
 from metacorrect.tuning.space import load_space, space_to_yaml, to_tune
-from metacorrect.tuning.trial import TRIAL_RESULT_FILE, TrialContext, run_trial, trial_run_name, write_trial_result
+from metacorrect.platform.records import CHECKPOINT_PATH_KEY
+from metacorrect.tuning.trial import (DRIVER_CPUS, TRIAL_RESULT_FILE, TrialContext, describe_trial_resources,
+                                      run_trial, trial_resources, trial_run_name, write_trial_result)
 
 SCHEDULERS = ("asha", "fifo")
 SEARCHES = ("random", "optuna")
-DRIVER_CPUS = 0.05  # the trial function only drives its Train run; the work is on the Train workers
 TRIAL_RUNS = "trial_runs"
+TRIAL_PLAN_FILE = "trial_plan.json"  # trials at a time and CPUs per worker, as the first start planned them
 
 
 @dataclass
@@ -123,8 +125,6 @@ def sweep(config: ExperimentConfig | str | Path | dict[str, Any] | None = None,
     searched_space = load_space(space, base)
     options = SweepOptions(num_samples, scheduler, search, metric, mode, max_concurrent_trials, seed)
     problems = options.problems(searched_space)
-    if base.resources.num_workers < 1:
-        problems.append("resources.num_workers: a sweep trial is a Ray Train run and needs >= 1 worker, got 0")
     if problems:
         raise ConfigError(problems)
 
@@ -139,7 +139,8 @@ def sweep(config: ExperimentConfig | str | Path | dict[str, Any] | None = None,
     data_dir, meta = ensure_trainable_dataset(base.data, progress)
     ensure_ray()
     uri = tracking.resolve_tracking_uri(base.tracking.uri)
-    concurrency, trial_cfg = plan_trials(base, options, _count_trials(searched_space, num_samples))
+    concurrency, trial_cfg = kept_trial_plan(base, options, _count_trials(searched_space, num_samples), sweep_dir,
+                                                resume)
 
     parent_id, resumed = tracking.start_run(uri, base.tracking.experiment, name, sweep_dir,
                                             tags=run_layout.run_tags(base, meta)
@@ -152,8 +153,7 @@ def sweep(config: ExperimentConfig | str | Path | dict[str, Any] | None = None,
         print(f"[sweep] {'resuming' if resumed else 'starting'} sweep {name}: {base.method.name} on {meta.name}, "
               f"{num_samples} sample(s) of {', '.join(searched_space)}; scheduler {scheduler}, metric {metric} "
               f"({options.resolved_mode}); up to {concurrency} trial(s) at a time, each "
-              f"{trial_cfg.resources.num_workers} worker(s) x {trial_cfg.resources.cpus_per_worker} CPU"
-              + (f" + {trial_cfg.resources.gpus_per_worker} GPU" if trial_cfg.resources.use_gpu else ""))
+              f"{describe_trial_resources(trial_cfg)}")
 
     context = TrialContext(config=trial_cfg.to_dict(), data_dir=str(data_dir), tracking_uri=uri,
                            parent_run_id=parent_id, sweep_name=name, trial_storage=str(sweep_dir / TRIAL_RUNS))
@@ -177,6 +177,23 @@ def default_sweep_name(cfg: ExperimentConfig, space: dict[str, Any], options: Sw
     return f"sweep-{cfg.method.name}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
 
 
+def kept_trial_plan(cfg: ExperimentConfig, options: SweepOptions, num_trials: int, directory: Path,
+                    resume: bool) -> tuple[int, ExperimentConfig]:
+    """`plan_trials`, kept in `directory` by the first start and reused by every resume: a resumed Tune run
+    restores the concurrency it started with, so its trials must keep the CPUs planned for it (more CPUs each at
+    that concurrency could leave Ray Data none, and trials whose loops read data would wait forever)."""
+    path = directory / TRIAL_PLAN_FILE
+    if resume and path.is_file():
+        kept = json.loads(path.read_text())
+        return kept["concurrency"], cfg.with_values({"resources.cpus_per_worker": kept["cpus_per_worker"]})
+    concurrency, cfg = plan_trials(cfg, options, num_trials)
+    directory.mkdir(parents=True, exist_ok=True)
+    scratch = path.with_suffix(".tmp")
+    scratch.write_text(json.dumps({"concurrency": concurrency, "cpus_per_worker": cfg.resources.cpus_per_worker}))
+    os.replace(scratch, path)
+    return concurrency, cfg
+
+
 def plan_trials(cfg: ExperimentConfig, options: SweepOptions, num_trials: int) -> tuple[int, ExperimentConfig]:
     """(trials at a time, the config every trial starts from): CPUs per worker set so the trials that run
     together fit the cluster and leave `resources.data_cpus` to Ray Data (else the data streams stall)."""
@@ -186,15 +203,17 @@ def plan_trials(cfg: ExperimentConfig, options: SweepOptions, num_trials: int) -
     cluster = ray.cluster_resources()
     cpus, gpus = cluster.get("CPU", 1.0), cluster.get("GPU", 0.0)
     free_cpus = max(cpus - r.data_cpus, 0.25)
-    per_trial_cpu = r.num_workers * (r.cpus_per_worker or 1.0) + DRIVER_CPUS
+    loops = max(r.num_workers, 1)  # processes that train per trial (num_workers 0: the trial's own)
+    driver = DRIVER_CPUS if r.num_workers else 0.0
+    per_trial_cpu = loops * (r.cpus_per_worker or 1.0) + driver
     fits = max(1, math.floor(free_cpus / per_trial_cpu))
     if r.use_gpu:
         if gpus <= 0:
             raise ConfigError("resources.use_gpu: the Ray cluster has no GPU")
-        fits = max(1, min(fits, math.floor(gpus / (r.num_workers * r.gpus_per_worker))))
+        fits = max(1, min(fits, math.floor(gpus / (loops * r.gpus_per_worker))))
     concurrency = min(options.max_concurrent_trials or fits, num_trials)
     if r.cpus_per_worker is None:  # share what is free among the trials that run together
-        share = (free_cpus - concurrency * DRIVER_CPUS) / (concurrency * r.num_workers)
+        share = (free_cpus - concurrency * driver) / (concurrency * loops)
         per_worker = max(0.25, min(math.floor(share * 4) / 4, 1.0 if r.use_gpu else 8.0))
         cfg = cfg.with_values({"resources.cpus_per_worker": per_worker})
     return concurrency, cfg
@@ -224,7 +243,8 @@ def _tuner(context: TrialContext, space: dict[str, Any], options: SweepOptions, 
 
     # Tune's own console tables would interleave with our one line per trial event.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), {"cpu": DRIVER_CPUS})
+    trainable = tune.with_resources(tune.with_parameters(run_trial, context=context),
+                                    trial_resources(ExperimentConfig.from_dict(context.config)))
     if resume and tune.Tuner.can_restore(str(sweep_dir)):
         # The callbacks, scheduler and search state come back from the sweep's own saved state.
         return tune.Tuner.restore(str(sweep_dir), trainable, resume_unfinished=True, resume_errored=True)
@@ -349,7 +369,7 @@ def _close_child(uri: str, base: ExperimentConfig, result, run_dir: Path, data_d
     if run.info.status != "RUNNING":  # the trial finished and closed it (trials never close a failed run)
         return run_id
     cfg = base.with_values({k: _plain(v) for k, v in result.config.items()})
-    path = (result.metrics or {}).get("checkpoint_path")
+    path = (result.metrics or {}).get(CHECKPOINT_PATH_KEY)
     checkpoint = ray.train.Checkpoint(path) if path and Path(path).exists() else None
     tracking.client(uri).set_tag(run_id, "sweep.trial_status", status)
     out = finish_run(cfg, checkpoint, name=run_dir.name, uri=uri, run_id=run_id, run_dir=run_dir,

@@ -19,6 +19,7 @@ from typing import Any
 
 from metacorrect.config import ExperimentConfig
 
+DRIVER_CPUS = 0.05  # a trial that only drives its Train run; the work is on the Train workers
 TRIAL_RESULT_FILE = "trial_result.json"  # written once the trial's run has finished and been logged
 TRIAL_PARAMS_FILE = "trial_params.json"  # the sampled values, checked when a run directory is reused
 
@@ -66,15 +67,43 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> None:
         context.tracking_uri, cfg, read_meta(data_dir), data_dir, name, run_dir,
         tags={"mlflow.parentRunId": context.parent_run_id, "sweep": context.sweep_name, "trial_id": trial_id},
         mlflow_name=trial_name(params, trial_id))  # named by its searched values in MLflow
-    run = trainer.build_trainer(cfg, data_dir, read_meta(data_dir), name=name, storage=storage,
-                                uri=context.tracking_uri, run_id=run_id, callbacks=[_epoch_reports()],
-                                progress=False)  # the sweep prints one line per trial instead
+    run = build_trial_trainer(cfg, data_dir, read_meta(data_dir), name=name, storage=storage,
+                              uri=context.tracking_uri, run_id=run_id)
     # Not closed here on failure: a trial stopped by the scheduler fails inside `fit()` too, possibly after the
     # sweep driver closed its run FINISHED; the driver closes every child run that is still open.
     result = trainer.fit_tracked(run, context.tracking_uri, run_id, name, run_dir, close_on_failure=False)
     out = trainer.finish_run(cfg, result.checkpoint, name=name, uri=context.tracking_uri, run_id=run_id,
                              run_dir=run_dir, data_dir=data_dir, started=started)
     write_trial_result(run_dir, out.history, out.checkpoint_path)
+
+
+def trial_resources(cfg: ExperimentConfig) -> dict[str, float]:
+    """What Tune reserves for the trial's own process: little when Ray Train workers do the work (they reserve
+    their own), a worker's share when the trial runs the loop itself (`resources.num_workers: 0`)."""
+    r = cfg.resources
+    if r.num_workers:
+        return {"cpu": DRIVER_CPUS}
+    return {"cpu": r.cpus_per_worker or 1.0} | ({"gpu": r.gpus_per_worker} if r.use_gpu else {})
+
+
+def describe_trial_resources(cfg: ExperimentConfig) -> str:
+    """'2 worker(s) x 0.5 CPU + 0.5 GPU', or 'the loop in the trial process x 1.0 CPU' (num_workers: 0)."""
+    r = cfg.resources
+    where = f"{r.num_workers} worker(s)" if r.num_workers else "the loop in the trial process"
+    return f"{where} x {r.cpus_per_worker} CPU" + (f" + {r.gpus_per_worker} GPU" if r.use_gpu else "")
+
+
+def build_trial_trainer(cfg: ExperimentConfig, data_dir: Path, meta, *, name: str, storage: Path, uri: str,
+                        run_id: str):
+    """A trial's run, every epoch reported to Tune: from the Ray Train workers by a callback, or, with
+    `resources.num_workers: 0`, by the loop itself, which then runs in the trial's process (no Train controller
+    or worker processes: the cheap way to sweep a small model). No per-epoch lines: sweeps print one per trial."""
+    from metacorrect.platform import trainer
+
+    local = cfg.resources.num_workers == 0
+    return trainer.build_trainer(cfg, data_dir, meta, name=name, storage=storage, uri=uri, run_id=run_id,
+                                 callbacks=None if local else [_epoch_reports()], progress=False,
+                                 tune_reports=local)
 
 
 def _epoch_reports():

@@ -202,9 +202,12 @@ def plan_trials(cfg: ExperimentConfig, options: SweepOptions, num_trials: int) -
     r = cfg.resources
     cluster = ray.cluster_resources()
     cpus, gpus = cluster.get("CPU", 1.0), cluster.get("GPU", 0.0)
-    free_cpus = max(cpus - r.data_cpus, 0.25)
     loops = max(r.num_workers, 1)  # processes that train per trial (num_workers 0: the trial's own)
     driver = DRIVER_CPUS if r.num_workers else 0.0
+    # A trial that trains in its own process holds its CPUs from its start, also while its data set is read,
+    # and each of Ray Data's read tasks asks for a whole CPU: less than one left free and the trials wait forever.
+    data = r.data_cpus if r.num_workers else max(r.data_cpus, min(1.0, cpus - 0.25))
+    free_cpus = max(cpus - data, 0.25)
     per_trial_cpu = loops * (r.cpus_per_worker or 1.0) + driver
     fits = max(1, math.floor(free_cpus / per_trial_cpu))
     if r.use_gpu:
@@ -212,6 +215,8 @@ def plan_trials(cfg: ExperimentConfig, options: SweepOptions, num_trials: int) -
             raise ConfigError("resources.use_gpu: the Ray cluster has no GPU")
         fits = max(1, min(fits, math.floor(gpus / (loops * r.gpus_per_worker))))
     concurrency = min(options.max_concurrent_trials or fits, num_trials)
+    if not r.num_workers:  # more trials at once than fit would leave Ray Data no CPU (above)
+        concurrency = min(concurrency, max(1, math.floor(free_cpus / (r.cpus_per_worker or 0.25))))
     if r.cpus_per_worker is None:  # share what is free among the trials that run together
         share = (free_cpus - concurrency * driver) / (concurrency * loops)
         per_worker = max(0.25, min(math.floor(share * 4) / 4, 1.0 if r.use_gpu else 8.0))

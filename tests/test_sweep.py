@@ -127,6 +127,25 @@ def test_trial_id_comes_from_tune_not_from_a_suffixed_directory(tmp_path):
                             path=str(tmp_path / "trial-7b4f8_00001"))) == "7b4f8_00001"
 
 
+@pytest.mark.parametrize("resources, requested, expected", [
+    # a trial per Ray Train worker: data_cpus left to Ray Data, the driver's 0.05 per trial
+    ({"num_workers": 1, "cpus_per_worker": 0.5, "data_cpus": 0.5}, None, (2, 0.5)),
+    ({"num_workers": 1, "data_cpus": 1.0}, 2, (2, 0.25)),
+    # trials that train in their own process keep a whole CPU free for Ray Data's read tasks, and no more of them
+    # run at once than fit beside it, whatever is asked
+    ({"num_workers": 0, "cpus_per_worker": 0.5, "data_cpus": 0.5}, None, (2, 0.5)),
+    ({"num_workers": 0, "cpus_per_worker": 0.5, "data_cpus": 0.5}, 4, (2, 0.5)),
+    ({"num_workers": 0, "data_cpus": 0.0}, 2, (2, 0.5)),
+    ({"num_workers": 0}, None, (1, 1.0)),
+])
+def test_trials_are_planned_to_fit_the_cluster_and_leave_ray_data_a_cpu(resources, requested, expected):
+    from metacorrect.tuning.sweep import SweepOptions, plan_trials
+
+    cfg = ExperimentConfig.from_dict({"resources": resources})
+    concurrency, planned = plan_trials(cfg, SweepOptions(max_concurrent_trials=requested), 8, cluster={"CPU": 2.0})
+    assert (concurrency, planned.resources.cpus_per_worker) == expected
+
+
 @pytest.mark.slow
 def test_sweep_of_4_trials_with_asha_tracks_nested_runs_and_best_config_runs(
         ray_cluster, digits_noisy, workdir, tracking_uri, tmp_path):

@@ -194,13 +194,16 @@ def kept_trial_plan(cfg: ExperimentConfig, options: SweepOptions, num_trials: in
     return concurrency, cfg
 
 
-def plan_trials(cfg: ExperimentConfig, options: SweepOptions, num_trials: int) -> tuple[int, ExperimentConfig]:
+def plan_trials(cfg: ExperimentConfig, options: SweepOptions, num_trials: int,
+                cluster: dict[str, float] | None = None) -> tuple[int, ExperimentConfig]:
     """(trials at a time, the config every trial starts from): CPUs per worker set so the trials that run
-    together fit the cluster and leave `resources.data_cpus` to Ray Data (else the data streams stall)."""
-    import ray
+    together fit the cluster (default: Ray's, `ray.cluster_resources()`) and leave `resources.data_cpus` to Ray
+    Data (else the data streams stall)."""
+    if cluster is None:
+        import ray
 
+        cluster = ray.cluster_resources()
     r = cfg.resources
-    cluster = ray.cluster_resources()
     cpus, gpus = cluster.get("CPU", 1.0), cluster.get("GPU", 0.0)
     loops = max(r.num_workers, 1)  # processes that train per trial (num_workers 0: the trial's own)
     driver = DRIVER_CPUS if r.num_workers else 0.0

@@ -60,8 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_bench = sub.add_parser(
         "bench", help="run a benchmark suite: every method x setting x seed under one protocol, one leaderboard",
         description="Run a benchmark suite (docs/benchmark-suites.md): one Ray Tune run whose trials are the "
-        "suite's (method, setting, seed) Ray Train runs, each (setting, seed) data set prepared once and shared, "
-        "one MLflow parent run with the leaderboard (mean ± std over seeds), plots and one child run per trial.")
+        "suite's (method, setting, seed) runs, each (setting, seed) data set prepared once and shared, "
+        "one MLflow parent run with the leaderboard (mean ± std over seeds), plots and one child run per trial. "
+        "Each trial trains on resources.num_workers Ray Train workers, or in its own process with 0.")
     p_bench.add_argument("suite", help="suite YAML (see configs/suites/)")
     p_bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                          help="override a field of the base experiment (every trial), e.g. train.epochs=5")
@@ -79,8 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_sweep = sub.add_parser(
         "sweep", help="search hyper-parameters with Ray Tune, each trial a Ray Train run",
-        description="Search hyper-parameters with Ray Tune. Every trial is a full Ray Train run of the platform, "
-        "tracked as a nested MLflow run under one parent run of the sweep (trials table and plots). "
+        description="Search hyper-parameters with Ray Tune. Every trial is a full run of the platform (on "
+        "resources.num_workers Ray Train workers, or, with --set resources.num_workers=0, in the trial's own "
+        "process: cheaper for small models), tracked as a nested MLflow run under one parent run of the sweep "
+        "(trials table and plots). "
         "Without --space, the method's default space is searched (--show-space prints it).",
         epilog=SPACE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p_sweep)

@@ -53,7 +53,9 @@ def quiet_this_process() -> None:
     # Ray Data warns that a dataset "will hang" whenever no CPU is free at the instant it starts; with trials
     # that run their loops themselves, another trial's data tasks briefly hold the CPUs a sweep leaves to Ray
     # Data (`resources.data_cpus`), and nothing hangs.
-    logging.getLogger("ray.data.dataset").addFilter(_NoCpuNotice())
+    dataset_logger = logging.getLogger("ray.data.dataset")
+    if not any(isinstance(f, _NoCpuNotice) for f in dataset_logger.filters):  # once per process
+        dataset_logger.addFilter(_NoCpuNotice())
     for handler in logging.getLogger("ray.data").handlers:
         if not hasattr(handler, "baseFilename") and type(handler).__name__ != "SessionFileHandler":
             handler.setLevel(logging.WARNING)

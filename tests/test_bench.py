@@ -109,6 +109,8 @@ def test_ready_suites_load_and_plan_every_trial():
     ({"settings": [{"noise": "symmetric:0.6", "clean": 3}]}, "settings[0].clean: unknown key"),
     ({"methods": [{"name": "erm", "overrides": {"train.epochs": 0}}]}, "methods[0] (erm): train.epochs: must be >= 1"),
     ({"methods": [{"name": "erm", "overrides": {"method.k": 2}}]}, "methods[0].overrides.method.k: not overridable"),
+    ({"methods": [{"name": "erm", "overrides": {"resources.num_workers": 0}}]},
+     "methods[0].overrides.resources.num_workers: not overridable per method"),
     ({"methods": ["erm", "erm"]}, "two entries are labelled 'erm'"),
     ({"budget": 3}, "budget: unknown key"),
 ])

@@ -73,16 +73,20 @@ def test_two_workers_see_every_noisy_id_once_per_epoch(ray_cluster, digits_noisy
         assert (sizes[0] + sizes[1]).tolist() == [48] * (n // 48) + [n % 48], "the global batches of one worker"
 
 
-def test_local_mode_runs_in_the_driver_and_keeps_its_checkpoint(ray_cluster, digits_noisy, experiment):
+@pytest.mark.parametrize("cache_mb", [None, 0], ids=["cached", "streamed"])
+def test_local_mode_runs_in_the_driver_and_keeps_its_checkpoint(ray_cluster, digits_noisy, experiment, cache_mb):
+    """Without Ray Train: cached splits and (`data.cache_mb: 0`) streamed ones reach the loop whole."""
     from metacorrect.methods.backbones import build_backbone
     from metacorrect.platform.trainer import run
 
-    result = run(experiment(digits_noisy, resources__num_workers=0, train__epochs=1), progress=False)
+    extra = {} if cache_mb is None else {"data__cache_mb": cache_mb, "tracking__run_name": "local-streamed"}
+    result = run(experiment(digits_noisy, resources__num_workers=0, train__epochs=1, **extra), progress=False)
     model_file = Path(result.checkpoint_path) / "model.pt"
     assert model_file.is_file(), "num_workers=0: Ray does not copy checkpoints, so ours must stay on disk"
     model = build_backbone("small_cnn", 10, (8, 8, 1), width=16)
     model.load_state_dict(torch.load(model_file, weights_only=True))
     assert result.metrics["noisy_rows_seen"] == 1138
+    assert 0.0 < result.metrics["test_accuracy"] <= 1.0 and result.metrics["val_accuracy"] > 0.0
 
 
 def test_local_mode_fp16_logs_its_skip_counts_and_resumes_with_its_loss_scales(ray_cluster, digits_noisy,

@@ -285,6 +285,10 @@ def _load_methods(methods: Any, folder: Path, where: str, problems: list[str]) -
         for k in bad:
             problems.append(f"{at}.overrides.{k}: not overridable per method (method fields go in the entry "
                             f"itself; seeds and data come from the suite)")
+        # Every trial of a suite has one Tune reservation and one plan of trials at a time, from the base.
+        for k in (k for k in overrides if str(k).startswith("resources.")):
+            problems.append(f"{at}.overrides.{k}: not overridable per method (every trial runs on the base's "
+                            f"resources; set it in the suite's overrides or with --set)")
         label = str(item.get("label") or method["name"])
         sub: list[str] = []
         try:

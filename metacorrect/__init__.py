@@ -9,14 +9,28 @@
 """
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from metacorrect.config import ConfigError, ExperimentConfig
-from metacorrect.platform.results import RunResult, load_results
-
 if TYPE_CHECKING:
+    from metacorrect.config import ConfigError, ExperimentConfig
+    from metacorrect.platform.results import RunResult, load_results
     from metacorrect.tuning.sweep import SweepResult
+
+# Imported on first use: every Ray worker process of a metacorrect driver imports this package for its setup
+# hook (metacorrect.platform.workers), and most of them (Ray Train's controller and helper actors, Ray Data's
+# tasks, idle workers) never need torch, which metacorrect.config pulls in: about 1.3 CPU-seconds per process.
+_LAZY = {"ConfigError": "metacorrect.config", "ExperimentConfig": "metacorrect.config",
+         "RunResult": "metacorrect.platform.results", "load_results": "metacorrect.platform.results"}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'metacorrect' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
 
 
 def run(config: ExperimentConfig | str | Path | dict[str, Any] | None = None, overrides: list[str] | None = None,

@@ -200,23 +200,35 @@ def digits_runs(background_runs):
     return get
 
 
+# erm_two_workers_one_killed's step checkpoints and step metrics: 18 steps an epoch (17 of 64 rows, one of 50)
+KILLED_CHECKPOINT_EVERY = 5
+KILLED_LOG_EVERY = 4
+
+
 @pytest.fixture(scope="session")
 def erm_two_workers_one_killed(ray_cluster, digits_noisy, workdir, tracking_uri):
-    """erm on two Ray Train workers with test_workers_e2e's settings, one worker SIGKILLed by pid once epoch 2's
-    checkpoint is written: Ray retries from the last commit. The fault test checks the retry and the records,
-    test_workers_e2e uses it as erm's two-worker run (a retried run must still learn what one worker learns).
-    Returns (result, run directory, the killed pid, Ray Train dataset managers started by the run)."""
+    """erm on two Ray Train workers with test_workers_e2e's settings, plus a step checkpoint every 5 steps, step
+    metrics every 4 and the ids each step trains on (`train.trace_ids_dir`); one worker is SIGKILLed by pid once a
+    step checkpoint inside epoch 2 is committed, and Ray retries from the last commit. One run for three claims
+    (on 2 cores a Ray Train start costs more than its epochs): test_faults checks the retry and the records,
+    test_step_checkpoints the resume inside the epoch, and test_workers_e2e uses it as erm's two-worker run (a
+    retried run must still learn what one worker learns).
+    Returns (result, run directory, trace directory, the killed pid, Ray Train dataset managers started)."""
     import signal
     import threading
     import time
 
     from background_runs import workers_config
     from ray_state import actors_started, train_worker_pids
+    from run_dirs import mid_epoch_committed
 
     from metacorrect.platform.trainer import run
 
+    trace = workdir / "trace-erm-one-worker-killed"
     cfg = workers_config("erm", digits_noisy, workdir, tracking_uri).with_overrides(
-        ["tracking.run_name=erm-one-worker-killed", "resources.num_workers=2"])
+        ["tracking.run_name=erm-one-worker-killed", "resources.num_workers=2",
+         f"train.checkpoint_every={KILLED_CHECKPOINT_EVERY}", f"train.log_every={KILLED_LOG_EVERY}",
+         f"train.trace_ids_dir={trace}"])
     run_dir = workdir / "runs" / "erm-one-worker-killed"
     outcome = {}
     managers = actors_started("DatasetManager")
@@ -225,11 +237,11 @@ def erm_two_workers_one_killed(ray_cluster, digits_noisy, workdir, tracking_uri)
     killed = None
     try:
         deadline = time.time() + 240
-        while not (run_dir / "checkpoint_epoch0002").exists():
-            assert driver.is_alive() and time.time() < deadline, "epoch 2 was never checkpointed"
+        while not mid_epoch_committed(run_dir, after_epochs=1):
+            assert driver.is_alive() and time.time() < deadline, "no step checkpoint inside epoch 2"
             time.sleep(0.01)
         killed = train_worker_pids()[-1]
         os.kill(killed, signal.SIGKILL)  # one worker: the other sees a collective error
     finally:
         driver.join(timeout=300)
-    return outcome["result"], run_dir, killed, actors_started("DatasetManager") - managers
+    return outcome["result"], run_dir, trace, killed, actors_started("DatasetManager") - managers

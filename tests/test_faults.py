@@ -19,6 +19,7 @@ import pytest
 from background_runs import WORKERS_EPOCHS as EPOCHS  # the killed-worker run is shared with test_workers_e2e
 from procs import start_cli, stop_group, wait_until
 from ray_state import alive_actors, left_behind
+from run_dirs import committed
 
 STOPPED_EPOCHS = 6  # room for three stops: a stop reaches the driver an epoch or so after the signal
 # One worker, fixed block order and one thread: a run is bit-identical to itself, so a resumed history must
@@ -43,15 +44,6 @@ def _history(uri: str, run_id: str, key: str = "val_accuracy") -> list[tuple[int
 
 def _run_id(run_dir: Path) -> str:
     return json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
-
-
-def _committed(run_dir: Path) -> set[str]:
-    """The checkpoint directories Ray's checkpoint manager has committed (what a restart resumes from)."""
-    snapshot = run_dir / "checkpoint_manager_snapshot.json"
-    if not snapshot.is_file():
-        return set()
-    state = json.loads(snapshot.read_text())
-    return {r["checkpoint_dir_name"] for r in state["checkpoint_results"]}
 
 
 def _printed_epochs(log: Path) -> int:
@@ -94,7 +86,7 @@ def test_driver_stopped_three_ways_then_resumed_logs_each_epoch_once_as_an_unint
     done = {p.name for p in run_dir.glob("checkpoint_epoch*")}
     start_and_stop(signal.SIGKILL, lambda _: bool({p.name for p in run_dir.glob("checkpoint_epoch*")} - done))
     written = {p.name for p in run_dir.glob("checkpoint_epoch*")}
-    uncommitted = written - _committed(run_dir)
+    uncommitted = written - set(committed(run_dir))
     logged = [step for step, _ in _history(uri, run_id)]
     assert len(logged) == len(set(logged)) and logged == sorted(logged), logged
 
@@ -114,7 +106,7 @@ def test_driver_stopped_three_ways_then_resumed_logs_each_epoch_once_as_an_unint
         assert [s for s, _ in history] == list(range(1, STOPPED_EPOCHS + 1)), (key, history)
         assert history == _history(uri, straight.mlflow_run_id, key), f"{key}: resumed != uninterrupted"
     left = {p.name for p in run_dir.glob("checkpoint_epoch*")}
-    assert left == _committed(run_dir) == {f"checkpoint_epoch{e:04d}" for e in (STOPPED_EPOCHS - 1, STOPPED_EPOCHS)}, \
+    assert left == set(committed(run_dir)) == {f"checkpoint_epoch{e:04d}" for e in (STOPPED_EPOCHS - 1, STOPPED_EPOCHS)}, \
         f"only committed checkpoints remain (written {written}, uncommitted at the kill {uncommitted})"
     journal = run_dir / "failures.jsonl"
     assert not journal.exists(), f"a stopped driver is not a training failure: {journal.read_text()[-2000:]}"
@@ -152,7 +144,7 @@ def test_a_local_mode_run_stopped_by_sigterm_is_killed_in_mlflow_and_resumes_to_
 
 @pytest.mark.slow
 def test_a_killed_worker_is_retried_from_the_last_commit_and_every_epoch_is_logged_once(erm_two_workers_one_killed):
-    result, run_dir, killed, managers = erm_two_workers_one_killed
+    result, run_dir, _, killed, managers = erm_two_workers_one_killed
     assert killed, "a worker was killed"
     # digits fits in the object store: the cached splits reach both attempts' workers with the loop's arguments
     assert managers == 0, "no Ray Train dataset manager is started for a run with nothing to stream"
@@ -163,7 +155,7 @@ def test_a_killed_worker_is_retried_from_the_last_commit_and_every_epoch_is_logg
     assert _client(uri).get_run(result.mlflow_run_id).info.status == "FINISHED"
     decisions = [json.loads(line) for line in (run_dir / "failures.jsonl").read_text().splitlines()]
     assert [d["decision"] for d in decisions] == ["retry"] and not decisions[0]["deterministic"], decisions
-    assert {p.name for p in run_dir.glob("checkpoint_epoch*")} == _committed(run_dir)
+    assert {p.name for p in run_dir.glob("checkpoint_epoch*")} == set(committed(run_dir))
 
 
 def test_a_checkpoint_left_half_written_by_a_killed_worker_is_removed_and_a_live_ones_kept(tmp_path):

@@ -1,15 +1,13 @@
 """Step checkpoints (`train.checkpoint_every`) and step metrics (`train.log_every`), with real processes: a
-driver SIGKILLed and a Ray Train worker SIGKILLed by pid in the middle of an epoch. The run resumes inside the epoch, every noisy id of that epoch is trained on exactly once across the
-interruption (read from `train.trace_ids_dir`, the ids each step trained on), and with one worker and
+driver SIGKILLed, and a Ray Train worker SIGKILLed by pid (conftest's erm run, shared with the other fault and
+two-worker tests), in the middle of an epoch. The run resumes inside the epoch, every noisy id of that epoch is
+trained on exactly once across the interruption (read from `train.trace_ids_dir`, the ids each step trained on), and with one worker and
 `data.deterministic: true` the final weights and label table equal an uninterrupted run's. That runs leave
 nothing running is checked after the many runs of test_workers_e2e.py."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import threading
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -17,6 +15,7 @@ import pytest
 import torch
 
 from procs import start_cli, stop_group, wait_until
+from run_dirs import committed, mid_epoch_committed
 
 pytestmark = pytest.mark.slow
 
@@ -29,21 +28,6 @@ EPOCHS = 2  # killed inside the second
 
 def _sets(values: list[str]) -> list[str]:
     return [arg for v in values for arg in ("--set", v)]
-
-
-def _committed(run_dir: Path) -> list[str]:
-    snapshot = run_dir / "checkpoint_manager_snapshot.json"
-    if not snapshot.is_file():
-        return []
-    try:
-        state = json.loads(snapshot.read_text())
-    except json.JSONDecodeError:  # caught while Ray rewrites it
-        return []
-    return [r["checkpoint_dir_name"] for r in state["checkpoint_results"]]
-
-
-def _mid_epoch_committed(run_dir: Path, after_epochs: int = 1) -> bool:
-    return any(n.startswith(f"checkpoint_epoch{after_epochs:04d}_step") for n in _committed(run_dir))
 
 
 def _attempts(trace_dir: Path) -> list[list[dict]]:
@@ -95,12 +79,12 @@ def test_a_driver_killed_mid_epoch_resumes_inside_it_each_id_once_and_ends_as_an
     driver = start_cli(["run", "configs/digits_mslg.yaml", "--name", "killed", *_sets(sets)], log,
                        {"RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address})
     try:
-        wait_until(lambda: _mid_epoch_committed(run_dir), driver, 300, "a step checkpoint inside epoch 2")
+        wait_until(lambda: mid_epoch_committed(run_dir, after_epochs=1), driver, 300, "a step checkpoint inside epoch 2")
         driver.send_signal(signal.SIGKILL)
         driver.wait(timeout=30)
     finally:
         stop_group(driver.pid)
-    assert not any(n == f"checkpoint_epoch{EPOCHS:04d}" for n in _committed(run_dir)), "killed inside the run"
+    assert not any(n == f"checkpoint_epoch{EPOCHS:04d}" for n in committed(run_dir)), "killed inside the run"
 
     cfg = ExperimentConfig.from_yaml("configs/digits_mslg.yaml", sets + ["tracking.run_name=killed"])
     resumed = run(cfg, progress=False)
@@ -130,37 +114,23 @@ def test_a_driver_killed_mid_epoch_resumes_inside_it_each_id_once_and_ends_as_an
     assert all(v == 0.0 for s, v in shares.items() if s <= per_epoch), "warm-up epoch: no meta step"
     assert all(0.0 < v < 1.0 for s, v in shares.items() if s > per_epoch + LOG_EVERY), "then one every step"
     assert (run_dir / "best" / "model.pt").is_file(), "the best epoch's model is kept apart"
-    assert len(_committed(run_dir)) == 2, "train.keep_checkpoints=2"
+    assert len(committed(run_dir)) == 2, "train.keep_checkpoints=2"
 
 
-def test_a_worker_killed_mid_epoch_is_retried_inside_it_each_id_once(ray_cluster, digits_noisy, tmp_path):
-    from ray_state import train_worker_pids
+def test_a_worker_killed_mid_epoch_is_retried_inside_it_each_id_once(erm_two_workers_one_killed):
+    """conftest's erm run on two workers, one SIGKILLed once a step checkpoint inside epoch 2 was committed."""
+    from background_runs import WORKERS_EPOCHS
+    from conftest import KILLED_CHECKPOINT_EVERY, KILLED_LOG_EVERY
 
-    from metacorrect.config import ExperimentConfig
-    from metacorrect.platform.trainer import run
-
-    trace = tmp_path / "trace"
-    run_dir = tmp_path / "runs" / "worker-killed"
-    cfg = ExperimentConfig.from_yaml("configs/digits_mslg.yaml", _common(digits_noisy, tmp_path) + [
-        "resources.num_workers=2", f"train.trace_ids_dir={trace}", "tracking.run_name=worker-killed"])
-    outcome = {}
-    driver = threading.Thread(target=lambda: outcome.update(result=run(cfg, progress=False)))
-    driver.start()
-    try:
-        deadline = time.time() + 300
-        while not _mid_epoch_committed(run_dir):
-            assert driver.is_alive() and time.time() < deadline, "no step checkpoint inside epoch 2"
-            time.sleep(0.01)
-        os.kill(train_worker_pids()[-1], signal.SIGKILL)
-    finally:
-        driver.join(timeout=300)
-    result = outcome["result"]
+    result, run_dir, trace, _, _ = erm_two_workers_one_killed
     epoch, resumed_after, ids = _ids_of_interrupted_epoch(trace)
-    assert resumed_after % EVERY == 0, resumed_after
+    assert resumed_after % KILLED_CHECKPOINT_EVERY == 0 and resumed_after % 18, \
+        f"resumed from a step checkpoint inside epoch {epoch + 1} (after global step {resumed_after})"
     assert sorted(ids) == list(range(NOISY_ROWS)), "every noisy id of the interrupted epoch trained on exactly once"
-    assert [h["noisy_rows_seen"] for h in result.history] == [NOISY_ROWS] * EPOCHS
+    assert [h["noisy_rows_seen"] for h in result.history] == [NOISY_ROWS] * WORKERS_EPOCHS
+    assert [h["steps"] for h in result.history] == [18] * WORKERS_EPOCHS, "the interrupted epoch's steps, once"
     decisions = [json.loads(line) for line in (run_dir / "failures.jsonl").read_text().splitlines()]
     assert [d["decision"] for d in decisions] == ["retry"], decisions
-    steps = EPOCHS * (NOISY_ROWS // BATCH + 1)
+    steps = WORKERS_EPOCHS * 18  # 17 global batches of 64 rows and one of 50, every epoch
     assert _step_history(result.tracking_uri, result.mlflow_run_id, "step/samples_per_s") == \
-        list(range(LOG_EVERY, steps + 1, LOG_EVERY))
+        list(range(KILLED_LOG_EVERY, steps + 1, KILLED_LOG_EVERY))

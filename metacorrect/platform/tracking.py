@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from metacorrect.platform.interrupts import UninterruptedClient, deferred
+
 DEFAULT_DIR = "mlruns"
 # The MLflow 3 UI opens an experiment on the view of its kind: a model-training experiment on its runs table
 # (an experiment without the tag may be inferred to be a GenAI one and open on its traces page).
@@ -60,9 +62,10 @@ def _artifact_root(uri: str) -> str | None:
 
 
 def client(uri: str):
+    """An MLflow client whose calls are not cut short by Ctrl-C or SIGTERM (`interrupts.deferred`)."""
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=uri)
+    return UninterruptedClient(MlflowClient(tracking_uri=uri))
 
 
 def experiment_id(uri: str, name: str) -> str:
@@ -188,12 +191,13 @@ def log_rows(uri: str, run_id: str, rows: list[tuple[int, dict[str, float]]]) ->
             else:
                 items.append(Metric(k, metric_value(v), now, step))
     c = client(uri)
-    if tags:  # before the metrics: MLflow stores a batch's metrics and tags in separate transactions, and a
-        # process stopped between them (a trial its scheduler stops) must not leave the epoch's metrics, by
-        # which `records.log_missing_epochs` knows the epoch is logged, without its tags
-        c.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-    for start in range(0, len(items), 1000):
-        c.log_batch(run_id, metrics=items[start:start + 1000])
+    with deferred():  # the rows whole, whatever signal arrives meanwhile
+        if tags:  # before the metrics: MLflow stores a batch's metrics and tags in separate transactions, and a
+            # process killed between them (a trial its scheduler stops) must not leave the epoch's metrics, by
+            # which `records.log_missing_epochs` knows the epoch is logged, without its tags
+            c.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        for start in range(0, len(items), 1000):
+            c.log_batch(run_id, metrics=items[start:start + 1000])
 
 
 def logged_steps(uri: str, run_id: str, key: str) -> set[int]:

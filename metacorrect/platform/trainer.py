@@ -22,7 +22,7 @@ from metacorrect.datasets.prepare import prepare
 from metacorrect.datasets.stream import decoded_bytes, open_split
 from metacorrect.datasets.validate import check_dataset
 from metacorrect.platform import checkpoint as ckpt
-from metacorrect.platform import plots, run_layout, tracking
+from metacorrect.platform import interrupts, plots, run_layout, tracking
 from metacorrect.platform.cluster import ensure_ray
 from metacorrect.platform.data_config import ExactSplitDataConfig, RunDatasets
 from metacorrect.platform.failure_policy import FAILURES_FILE, one_line, root_error
@@ -324,7 +324,7 @@ def register_model(uri: str, run_id: str, cfg: ExperimentConfig, result: RunResu
     signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, channels, height, width))]),
                                outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, meta.num_classes))]))
     name = cfg.tracking.register_model
-    with _use_tracking_uri(uri):
+    with _use_tracking_uri(uri), interrupts.deferred():
         # Created here, in the run's experiment (MLflow's fluent call would pick the default experiment).
         logged = c.create_logged_model(run.info.experiment_id, name="model", source_run_id=run_id,
                                        params=run.data.params, model_type="image-classifier",

@@ -18,6 +18,15 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # tests share the benchmarks' settings
 
 
+def pytest_configure(config) -> None:
+    """A suite started in the background by a shell (`make test &`, nohup, some CI runners) inherits SIGINT
+    ignored, and so would every process it starts: the Ctrl-C tests need it as a terminal delivers it."""
+    import signal
+
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def pytest_collection_modifyitems(session, config, items) -> None:
     """Tests that need no Ray first, each file's order kept: several check that a bad input is refused before
     Ray starts (`ray.is_initialized()` in this process), which the session's cluster, once up, would hide."""

@@ -174,7 +174,9 @@ def test_a_suite_interrupted_then_resumed_tracks_one_parent_each_trial_once_and_
 
     capsys.readouterr()
     started = time.time()
+    ctrl_c = signal.getsignal(signal.SIGINT)
     result = metacorrect.bench(path, resume=True)
+    assert signal.getsignal(signal.SIGINT) is ctrl_c, "Ray Tune's Ctrl-C handler is not left behind"
     assert not result.failed
     # the progress line counts time from the resume, not from the suite's first start
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("[bench] ") and "4/4 done" in x)

@@ -1,6 +1,7 @@
 """Sweeps: search spaces, a real Ray Tune sweep of Ray Train trials with ASHA, nested MLflow runs, resume."""
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -153,8 +154,10 @@ def test_sweep_of_4_trials_with_asha_tracks_nested_runs_and_best_config_runs(
     from metacorrect.platform.trainer import run
 
     cfg = _config(digits_noisy, workdir, tracking_uri, "sweep-tests")
+    ctrl_c = signal.getsignal(signal.SIGINT)
     result = metacorrect.sweep(cfg, SPACE, num_samples=2, scheduler="asha", max_concurrent_trials=2,
                                name="asha4")  # 2 samples x grid of 2 seeds = 4 trials
+    assert signal.getsignal(signal.SIGINT) is ctrl_c, "Ray Tune's Ctrl-C handler is not left behind"
 
     table = result.trials
     assert len(table) == 4 and table["trial_id"].is_unique

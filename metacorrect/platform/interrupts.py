@@ -60,3 +60,20 @@ class UninterruptedClient:
                 return attr(*args, **kwargs)
 
         return call
+
+
+@contextlib.contextmanager
+def handlers_kept() -> Iterator[None]:
+    """SIGINT's and SIGTERM's handlers as they were before the block, after it. Ray Tune's `fit` installs a
+    Ctrl-C handler of its own and leaves it in place when the search ends: the caller's next Ctrl-C (in a
+    notebook, a script that goes on) would only log "ending Ray Tune run" and be lost."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            if handler is not None:  # None: a handler not installed from Python, left as it is
+                signal.signal(sig, handler)

@@ -355,7 +355,7 @@ def bench(suite: str | Path | dict[str, Any], resume: bool = False, overrides: l
     Train run, tracked as a child of one MLflow parent run that gets the leaderboard, plots and trials table.
     `resume=True` continues the suite of the same name: finished trials are not re-run, interrupted ones
     resume from their last checkpoint, and no MLflow run is created twice."""
-    from metacorrect.platform import tracking
+    from metacorrect.platform import interrupts, tracking
     from metacorrect.platform.trainer import ensure_ray, ensure_trainable_dataset
 
     started = time.time()
@@ -404,7 +404,8 @@ def bench(suite: str | Path | dict[str, Any], resume: bool = False, overrides: l
     finished_before = finished()
     wall_before = tracking.client(uri).get_run(parent_id).data.metrics.get("wall_s", 0.0) if resumed else 0.0
     with tracking.parent_closed_on_failure(uri, parent_id):
-        grid = _tuner(context, trials, concurrency, bench_dir, resume, progress).fit()
+        with interrupts.handlers_kept():  # Tune leaves its Ctrl-C handler behind
+            grid = _tuner(context, trials, concurrency, bench_dir, resume, progress).fit()
         failed = sorted(r.config.get("trial") for r in grid if r.error)
         # Ctrl-C: Tune stops and returns with trials neither finished nor failed; --resume continues them.
         interrupted = grid.num_terminated + grid.num_errors < len(trials)

@@ -117,7 +117,7 @@ def sweep(config: ExperimentConfig | str | Path | dict[str, Any] | None = None,
     MLflow run under one parent run. `resources_per_trial` sets `resources.*` fields of every trial, e.g.
     {"num_workers": 2, "use_gpu": True, "gpus_per_worker": 0.5}. `resume=True` continues the sweep of the
     same name: finished trials are not re-run, unfinished ones resume from their last checkpoint."""
-    from metacorrect.platform import run_layout, tracking
+    from metacorrect.platform import interrupts, run_layout, tracking
     from metacorrect.platform.trainer import as_config, ensure_ray, ensure_trainable_dataset
 
     started = time.time()
@@ -158,7 +158,8 @@ def sweep(config: ExperimentConfig | str | Path | dict[str, Any] | None = None,
     context = TrialContext(config=trial_cfg.to_dict(), data_dir=str(data_dir), tracking_uri=uri,
                            parent_run_id=parent_id, sweep_name=name, trial_storage=str(sweep_dir / TRIAL_RUNS))
     with tracking.parent_closed_on_failure(uri, parent_id):
-        grid = _tuner(context, searched_space, options, base, concurrency, sweep_dir, resume, progress).fit()
+        with interrupts.handlers_kept():  # Tune leaves its Ctrl-C handler behind
+            grid = _tuner(context, searched_space, options, base, concurrency, sweep_dir, resume, progress).fit()
         result = _collect(grid, base, searched_space, options, name, sweep_dir, data_dir, uri, parent_id, started)
     _log_parent_end(result, searched_space, base)
     return result

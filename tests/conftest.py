@@ -254,3 +254,20 @@ def erm_two_workers_one_killed(ray_cluster, digits_noisy, workdir, tracking_uri)
     finally:
         driver.join(timeout=300)
     return outcome["result"], run_dir, trace, killed, actors_started("DatasetManager") - managers
+
+
+@pytest.fixture(scope="session")
+def cli_run_two_workers_streamed(digits_noisy, tmp_path_factory):
+    """`metacorrect run configs/digits_demo.yaml` as a user starts it: a process and a Ray cluster of its own with
+    the project's settings (not the test session's Ray Train timings), mlc on two Ray Train workers, the noisy
+    split streamed (`data.cache_mb: 0`), 2 epochs, the ids each step trains on traced. One run for two files'
+    claims (a Ray Train start costs more than its epochs): test_console reads its console, test_platform its
+    traces. Returns (console output without colours, trace directory)."""
+    from procs import run_own_cluster
+
+    out = tmp_path_factory.mktemp("cli-run")
+    sets = [f"data.path={digits_noisy}", "train.epochs=2", "resources.num_workers=2", "model.width=8",
+            "method.name=mlc", "data.cache_mb=0", f"train.trace_ids_dir={out / 'trace'}",
+            f"tracking.uri=sqlite:///{out / 'mlflow.db'}", f"tracking.storage_path={out / 'runs'}"]
+    output = run_own_cluster([], sets)
+    return output, out / "trace"

@@ -96,3 +96,20 @@ def kill_cli_after_line(args: list[str], gcs_address: str, marker: Callable[[str
         driver.wait()
     assert found, "".join(lines[-30:])
     return found, driver.returncode, rest
+
+
+def run_own_cluster(args: list[str], sets: list[str]) -> str:
+    """`metacorrect run configs/digits_demo.yaml ARGS --set SETS...` as a user starts it: in a process and on a Ray
+    cluster of its own, with the project's Ray settings (not the test session's Ray Train timings); fails unless
+    it exits 0. Returns its console, colours removed."""
+    import re
+
+    # RAY_AUTH_MODE too: the session's own cluster sets it in this process once it has started.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_TRAIN_") and k != "RAY_AUTH_MODE"}
+    env |= {"RAY_ADDRESS": "local", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "metacorrect", "run", "configs/digits_demo.yaml", *args,
+                           *[a for s in sets for a in ("--set", s)]],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    output = re.sub(r"\x1b\[[0-9;]*m", "", proc.stdout + proc.stderr)  # Ray colours the worker prefixes
+    assert proc.returncode == 0, output[-4000:]
+    return output

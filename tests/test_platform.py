@@ -5,72 +5,32 @@ Two-worker runs of every method and their MLflow records: test_workers_e2e.py; r
 killed driver or worker: test_faults.py."""
 from __future__ import annotations
 
-import sys
+import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 pytestmark = pytest.mark.slow
 
 
-def _collect_ids_loop(config):
-    """A Train loop that streams the noisy split exactly as the platform's loop does and records ids."""
-    import ray.train
-    import ray.train.torch
-
-    from metacorrect.datasets.contract import read_meta
-    from metacorrect.platform.batches import empty_rows, iterate
-    from metacorrect.platform.collective import Collective
-    from metacorrect.platform.global_batches import global_batches
-
-    device = ray.train.torch.get_device()
-    collective = Collective.from_process_group(device)
-    meta = read_meta(config["data_dir"])
-    shard = ray.train.get_dataset_shard("noisy")
-    rank = ray.train.get_context().get_world_rank()
-    for epoch in range(2):
-        stream = iterate(shard, 24, device, shuffle_buffer=256, seed=epoch)
-        ids, sizes = [], []
-        for rows in global_batches(stream, 48, collective, empty_rows(meta, device)):
-            sizes.append(0 if rows is None else len(rows["id"]))
-            if rows is not None:
-                ids.append(rows["id"].cpu().numpy())
-        np.save(Path(config["out"]) / f"epoch{epoch}-rank{rank}.npy", np.concatenate(ids) if ids else np.zeros(0))
-        np.save(Path(config["out"]) / f"epoch{epoch}-rank{rank}-sizes.npy", np.array(sizes))
-        ray.train.report({"epoch": epoch})
-
-
-def test_two_workers_see_every_noisy_id_once_per_epoch(ray_cluster, digits_noisy, tmp_path):
-    import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from metacorrect.datasets.contract import read_meta
-    from metacorrect.datasets.stream import open_split
-    from metacorrect.platform.data_config import ExactSplitDataConfig
-
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
-    meta = read_meta(digits_noisy)
-    trainer = TorchTrainer(
-        _collect_ids_loop, train_loop_config={"data_dir": str(digits_noisy), "out": str(tmp_path)},
-        scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
-        datasets={"noisy": open_split(digits_noisy, "noisy_train", meta, shuffle_files=True)},
-        dataset_config=ExactSplitDataConfig(["noisy"]),
-        run_config=ray.train.RunConfig(name="ids", storage_path=str(tmp_path / "runs")))
-    trainer.fit()
-    n = meta.counts["noisy_train"]
-    for epoch in range(2):
-        parts = [np.load(tmp_path / f"epoch{epoch}-rank{r}.npy") for r in range(2)]
-        seen = np.concatenate(parts)
-        assert len(seen) == n, "every noisy row is delivered (none dropped to even out the shards)"
-        assert len(np.unique(seen)) == n, "no noisy id is delivered twice"
-        assert set(seen.tolist()) == set(range(n))
-        assert all(len(p) > 0 for p in parts), "both workers get a share of the noisy stream"
-        sizes = [np.load(tmp_path / f"epoch{epoch}-rank{r}-sizes.npy") for r in range(2)]
-        assert len(sizes[0]) == len(sizes[1]), "workers take the same number of steps, whatever their shard sizes"
-        assert (sizes[0] + sizes[1]).tolist() == [48] * (n // 48) + [n % 48], "the global batches of one worker"
+def test_two_workers_see_every_noisy_id_once_per_epoch_in_the_global_batches_of_one(cli_run_two_workers_streamed):
+    """The noisy split streamed to two Ray Train workers (conftest's CLI run: mlc, batch 64, 2 epochs), read from
+    the ids each rank traced per step: every row each epoch, none twice, both workers a share, the same steps on
+    both, and together the global batches one worker would take."""
+    _, trace = cli_run_two_workers_streamed
+    files = sorted(trace.glob("ids-rank*-pid*.jsonl"))
+    assert [f.name.split("-")[1] for f in files] == ["rank0", "rank1"], "one attempt, one file per rank"
+    ranks = [[json.loads(line) for line in f.read_text().splitlines()] for f in files]
+    n = 1138
+    for epoch in (0, 1):
+        zero, one = ([line for line in lines if line["epoch"] == epoch] for lines in ranks)
+        seen = [i for line in zero + one for i in line["ids"]]
+        assert sorted(seen) == list(range(n)), "every noisy row is delivered once (none dropped to even out shards)"
+        assert any(line["ids"] for line in zero) and any(line["ids"] for line in one), "both workers get a share"
+        assert [line["step"] for line in zero] == [line["step"] for line in one], "the same steps on both workers"
+        assert [len(a["ids"]) + len(b["ids"]) for a, b in zip(zero, one)] == [64] * (n // 64) + [n % 64], \
+            "the global batches of one worker"
 
 
 @pytest.mark.parametrize("cache_mb", [None, 0], ids=["cached", "streamed"])

@@ -246,10 +246,15 @@ def erm_two_workers_one_killed(ray_cluster, digits_noisy, workdir, tracking_uri)
     killed = None
     try:
         deadline = time.time() + 240
+        pids = []
+        while len(pids) < 2:  # asked before the moment: the state API can take a second on a loaded box
+            assert driver.is_alive() and time.time() < deadline, "the two workers never started"
+            pids = train_worker_pids()
+            time.sleep(0.05)
         while not mid_epoch_committed(run_dir, after_epochs=1):
             assert driver.is_alive() and time.time() < deadline, "no step checkpoint inside epoch 2"
             time.sleep(0.01)
-        killed = train_worker_pids()[-1]
+        killed = pids[-1]
         os.kill(killed, signal.SIGKILL)  # one worker: the other sees a collective error
     finally:
         driver.join(timeout=300)

@@ -4,7 +4,8 @@ A `KeyboardInterrupt` raised in the middle of a SQLAlchemy session (MLflow's SQL
 that session's transaction open on a connection the traceback keeps alive: the store stays locked, and closing
 the run as KILLED then fails with "database is locked", leaving the run RUNNING. In local mode the loop logs
 from the main thread, so a Ctrl-C lands inside an MLflow call often. Signals reach Python only in the main
-thread, and an MLflow call takes milliseconds: holding them back for its duration changes nothing a user notices.
+thread, and an MLflow call takes milliseconds (an artifact upload to a remote server longer): holding them back
+for its duration is not something a user notices.
 """
 from __future__ import annotations
 

@@ -209,7 +209,8 @@ def digits_runs(background_runs):
     return get
 
 
-# erm_two_workers_one_killed's step checkpoints and step metrics: 18 steps an epoch (17 of 64 rows, one of 50)
+# erm_two_workers_one_killed's step checkpoints and step metrics
+KILLED_STEPS_PER_EPOCH = 18  # global batches of 64 over 1138 noisy rows: 17 full, one of 50
 KILLED_CHECKPOINT_EVERY = 5
 KILLED_LOG_EVERY = 4
 

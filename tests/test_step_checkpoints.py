@@ -120,17 +120,18 @@ def test_a_driver_killed_mid_epoch_resumes_inside_it_each_id_once_and_ends_as_an
 def test_a_worker_killed_mid_epoch_is_retried_inside_it_each_id_once(erm_two_workers_one_killed):
     """conftest's erm run on two workers, one SIGKILLed once a step checkpoint inside epoch 2 was committed."""
     from background_runs import WORKERS_EPOCHS
-    from conftest import KILLED_CHECKPOINT_EVERY, KILLED_LOG_EVERY
+    from conftest import KILLED_CHECKPOINT_EVERY, KILLED_LOG_EVERY, KILLED_STEPS_PER_EPOCH
 
     result, run_dir, trace, _, _ = erm_two_workers_one_killed
     epoch, resumed_after, ids = _ids_of_interrupted_epoch(trace)
-    assert resumed_after % KILLED_CHECKPOINT_EVERY == 0 and resumed_after % 18, \
+    assert resumed_after % KILLED_CHECKPOINT_EVERY == 0 and resumed_after % KILLED_STEPS_PER_EPOCH, \
         f"resumed from a step checkpoint inside epoch {epoch + 1} (after global step {resumed_after})"
     assert sorted(ids) == list(range(NOISY_ROWS)), "every noisy id of the interrupted epoch trained on exactly once"
     assert [h["noisy_rows_seen"] for h in result.history] == [NOISY_ROWS] * WORKERS_EPOCHS
-    assert [h["steps"] for h in result.history] == [18] * WORKERS_EPOCHS, "the interrupted epoch's steps, once"
+    assert [h["steps"] for h in result.history] == [KILLED_STEPS_PER_EPOCH] * WORKERS_EPOCHS, \
+        "the interrupted epoch's steps, once"
     decisions = [json.loads(line) for line in (run_dir / "failures.jsonl").read_text().splitlines()]
     assert [d["decision"] for d in decisions] == ["retry"], decisions
-    steps = WORKERS_EPOCHS * 18  # 17 global batches of 64 rows and one of 50, every epoch
+    steps = WORKERS_EPOCHS * KILLED_STEPS_PER_EPOCH
     assert _step_history(result.tracking_uri, result.mlflow_run_id, "step/samples_per_s") == \
         list(range(KILLED_LOG_EVERY, steps + 1, KILLED_LOG_EVERY))

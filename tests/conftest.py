@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -207,6 +208,50 @@ def digits_runs(background_runs):
         return background_runs(("accuracy", setting, method, epochs))
 
     return get
+
+
+@dataclass(frozen=True)
+class StoppedRun:
+    """`local_run_stopped_twice`: the `--set` values of its starts, its MLflow store and run id, and for each start
+    (exit status, the MLflow run's status after it, its console)."""
+    sets: list[str]
+    uri: str
+    run_id: str
+    starts: list[tuple[int, str, str]]
+
+
+@pytest.fixture(scope="session")
+def local_run_stopped_twice(ray_cluster, digits_noisy, tmp_path_factory) -> StoppedRun:
+    """`metacorrect run` in local mode (`num_workers: 0`, the loop in the driver, 6 epochs) on the session's
+    cluster: stopped by SIGTERM once an epoch is committed, then started again with the same name and stopped by
+    Ctrl-C once another is. The first start has `--verbose`. One pair of starts for two files' claims (each start
+    is a process importing torch, Ray and MLflow): test_faults checks the stops (and resumes the run),
+    test_console the verbose console."""
+    import json
+    import signal
+
+    from mlflow.tracking import MlflowClient
+
+    from procs import start_and_signal
+
+    out = tmp_path_factory.mktemp("local-stopped")
+    uri = f"sqlite:///{out / 'mlruns.db'}"
+    sets = ["resources.num_workers=0", "model.width=8", "train.epochs=6", f"data.path={digits_noisy}",
+            f"tracking.uri={uri}", f"tracking.storage_path={out / 'runs'}", "tracking.run_name=local"]
+    args = ["run", "configs/digits_demo.yaml", *[a for s in sets for a in ("--set", s)]]
+    env = {"RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    run_dir = out / "runs" / "local"
+
+    def committed_epochs() -> set[str]:  # a local checkpoint is committed by its rename into place
+        return {p.name for p in (run_dir / "local_checkpoints").glob("checkpoint_epoch*")}
+
+    starts = []
+    for flags, sig in ((["--verbose"], signal.SIGTERM), ([], signal.SIGINT)):
+        done, log = committed_epochs(), out / f"start{len(starts) + 1}.log"
+        code = start_and_signal(args + flags, log, env, sig, lambda: committed_epochs() - done)
+        run_id = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
+        starts.append((code, MlflowClient(uri).get_run(run_id).info.status, log.read_text(errors="replace")))
+    return StoppedRun(sets, uri, run_id, starts)
 
 
 # erm_two_workers_one_killed's step checkpoints and step metrics

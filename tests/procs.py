@@ -52,6 +52,18 @@ def wait_until(ready: Callable[[], bool], proc: subprocess.Popen, timeout: float
         time.sleep(0.01)
 
 
+def start_and_signal(args: list[str], log: Path, env: dict[str, str], sig: int, ready: Callable[[], bool]) -> int:
+    """`metacorrect ARGS` started as `start_cli` does (`env` added), `sig` sent to it once `ready()` holds; its exit
+    status. Whatever of it survives the signal is ended after (its Ray workers end with it)."""
+    driver = start_cli(args, log, env)
+    try:
+        wait_until(ready, driver, 240, f"the moment to send signal {sig}")
+        driver.send_signal(sig)
+        return driver.wait(timeout=120)
+    finally:
+        stop_group(driver.pid)
+
+
 def stop_group(pgid: int) -> None:
     """SIGTERM the process group we started, then SIGKILL what is left of it."""
     for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 0.0)):

@@ -1,14 +1,13 @@
 """The console of a run shows the project's own lines, its results and real warnings: none of Ray's or MLflow's
 routine notices. A real `metacorrect run` on two Ray Train workers with its noisy split streamed (conftest's
 `cli_run_two_workers_streamed`), in a process of its own on a cluster of its own with the project's defaults
-(not the test session's Ray settings)."""
+(not the test session's Ray settings). `--verbose` keeps those notices: conftest's local-mode run, which joins
+the session's cluster, has it on its first start and not on its second."""
 from __future__ import annotations
 
 import re
 
 import pytest
-
-from procs import run_own_cluster
 
 pytestmark = pytest.mark.slow
 
@@ -20,6 +19,7 @@ ROUTINE = {
     "the source line Python prints under a warning": re.compile(r"^\s*(\(\w+ pid=\d+\)\s*)?\s*(warnings\.warn\(|self\.\w+ = )"),
     "Ray's token-authentication notice for a cluster of our own": re.compile(r"Token authentication is enabled"),
     "MLflow's database set-up notices": re.compile(r"INFO mlflow\."),
+    "Ray Data's execution notices": re.compile(r"Starting execution of Dataset"),
 }
 
 
@@ -34,10 +34,13 @@ def test_a_run_prints_its_own_lines_and_no_routine_notice(cli_run_two_workers_st
         assert not hits, f"{what}: {hits[:3]}"
 
 
-def test_verbose_keeps_ray_and_mlflow_notices(digits_noisy, tmp_path):
-    output = run_own_cluster(["--verbose"], [f"data.path={digits_noisy}", "train.epochs=1", "resources.num_workers=0",
-                                  "model.width=8", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
-                                  f"tracking.storage_path={tmp_path / 'runs'}"])
-    assert ROUTINE["Ray's token-authentication notice for a cluster of our own"].search(output), output[-3000:]
-    assert ROUTINE["MLflow's database set-up notices"].search(output), output[-3000:]
-    assert "[metacorrect] epoch 1/1" in output
+def test_verbose_keeps_ray_and_mlflow_notices(local_run_stopped_twice):
+    """`--verbose` on a run that joins a cluster (conftest's local-mode run, whose first start has it): Ray Data's
+    and MLflow's notices stay on the console; the same run's next start, without it, shows neither."""
+    (_, _, verbose), (_, _, plain) = local_run_stopped_twice.starts
+    assert "[metacorrect] epoch 1/6" in verbose and "[metacorrect] epoch" in plain
+    for what in ("Ray Data's execution notices", "MLflow's database set-up notices"):
+        assert ROUTINE[what].search(verbose), (what, verbose[-3000:])
+    for what, pattern in ROUTINE.items():
+        hits = [line for line in plain.splitlines() if pattern.search(line)]
+        assert not hits, f"{what}: {hits[:3]}"

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from background_runs import WORKERS_EPOCHS as EPOCHS  # the killed-worker run is shared with test_workers_e2e
-from procs import start_cli, stop_group, wait_until
+from procs import start_and_signal
 from ray_state import alive_actors, left_behind
 from run_dirs import committed
 
@@ -50,17 +50,6 @@ def _printed_epochs(log: Path) -> int:
     return log.read_text(errors="replace").count("[metacorrect] epoch ")
 
 
-def _start_and_stop(args: list[str], log: Path, gcs_address: str, sig: int, ready) -> int:
-    """`metacorrect ARGS` started on the session's cluster; `sig` sent once `ready()` holds; the exit status."""
-    driver = start_cli(args, log, {"RAY_ADDRESS": gcs_address})
-    try:
-        wait_until(ready, driver, 240, f"the moment to send signal {sig}")
-        driver.send_signal(sig)
-        return driver.wait(timeout=120)
-    finally:
-        stop_group(driver.pid)  # whatever of the driver survived it (its Ray workers end with it)
-
-
 @pytest.mark.slow
 def test_driver_stopped_then_killed_then_resumed_logs_each_epoch_once_as_an_uninterrupted_run(
         ray_cluster, digits_noisy, tmp_path):
@@ -76,14 +65,14 @@ def test_driver_stopped_then_killed_then_resumed_logs_each_epoch_once_as_an_unin
     gcs = ray_cluster.get_runtime_context().gcs_address
 
     # SIGTERM (a scheduler's stop; Ctrl-C takes the same handler) once the first epoch is printed.
-    assert _start_and_stop(args, log, gcs, signal.SIGTERM, lambda: _printed_epochs(log) > 0) == 143, \
+    assert start_and_signal(args, log, {"RAY_ADDRESS": gcs}, signal.SIGTERM, lambda: _printed_epochs(log) > 0) == 143, \
         log.read_text()[-3000:]
     run_id = _run_id(run_dir)
     assert _client(uri).get_run(run_id).info.status == "KILLED"
 
     # SIGKILL the moment a new checkpoint directory appears: written, most likely not yet committed by Ray.
     done = {p.name for p in run_dir.glob("checkpoint_epoch*")}
-    _start_and_stop(args, log, gcs, signal.SIGKILL,
+    start_and_signal(args, log, {"RAY_ADDRESS": gcs}, signal.SIGKILL,
                     lambda: bool({p.name for p in run_dir.glob("checkpoint_epoch*")} - done))
     assert "resuming run stopped" in log.read_text()
     written = {p.name for p in run_dir.glob("checkpoint_epoch*")}
@@ -115,33 +104,21 @@ def test_driver_stopped_then_killed_then_resumed_logs_each_epoch_once_as_an_unin
 
 @pytest.mark.slow
 def test_a_local_mode_run_stopped_by_sigterm_then_ctrl_c_is_killed_in_mlflow_and_resumes_to_each_epoch_once(
-        ray_cluster, digits_noisy, tmp_path):
+        local_run_stopped_twice):
     """`num_workers: 0` runs the loop in the driver without Ray Train: SIGTERM (exit 143) and Ctrl-C (exit 130)
     still end it as KILLED, and the same name resumes from its own committed checkpoint each time."""
     from metacorrect.config import ExperimentConfig
     from metacorrect.platform.trainer import run
 
-    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
-    sets = ["resources.num_workers=0", "model.width=8", "train.epochs=6", f"data.path={digits_noisy}",
-            f"tracking.uri={uri}", f"tracking.storage_path={tmp_path / 'runs'}", "tracking.run_name=local"]
-    args = ["run", "configs/digits_demo.yaml", *_sets(sets)]
-    log = tmp_path / "driver.log"
-    gcs = ray_cluster.get_runtime_context().gcs_address
+    stopped = local_run_stopped_twice
+    (sigterm, after_sigterm, _), (ctrl_c, after_ctrl_c, second_log) = stopped.starts
+    assert sigterm == 143 and ctrl_c == 130, stopped.starts
+    assert after_sigterm == after_ctrl_c == "KILLED" and "resuming run local" in second_log
 
-    def committed_epochs() -> set[str]:  # a local checkpoint is committed by its rename into place
-        return {p.name for p in (tmp_path / "runs" / "local" / "local_checkpoints").glob("checkpoint_epoch*")}
-
-    assert _start_and_stop(args, log, gcs, signal.SIGTERM, committed_epochs) == 143, log.read_text()[-3000:]
-    run_id = _run_id(tmp_path / "runs" / "local")
-    assert _client(uri).get_run(run_id).info.status == "KILLED"
-    done = committed_epochs()
-    assert _start_and_stop(args, log, gcs, signal.SIGINT, lambda: committed_epochs() - done) == 130, \
-        log.read_text()[-3000:]
-    assert _client(uri).get_run(run_id).info.status == "KILLED" and "resuming run local" in log.read_text()
-
-    resumed = run(ExperimentConfig.from_yaml("configs/digits_demo.yaml", sets), progress=False)
-    assert resumed.mlflow_run_id == run_id and _client(uri).get_run(run_id).info.status == "FINISHED"
-    assert [s for s, _ in _history(uri, run_id)] == [1, 2, 3, 4, 5, 6]
+    resumed = run(ExperimentConfig.from_yaml("configs/digits_demo.yaml", stopped.sets), progress=False)
+    assert resumed.mlflow_run_id == stopped.run_id
+    assert _client(stopped.uri).get_run(stopped.run_id).info.status == "FINISHED"
+    assert [s for s, _ in _history(stopped.uri, stopped.run_id)] == [1, 2, 3, 4, 5, 6]
 
 
 @pytest.mark.slow

@@ -10,7 +10,9 @@ import yaml
 from metacorrect.config import ConfigError, ExperimentConfig
 from procs import kill_cli_after_line
 
-SPACE = {"optim.lr": {"loguniform": [0.01, 0.2]}, "train.seed": {"grid": [0, 1]}}
+# A learning rate that trains (epoch-1 val 0.24-0.45 over seeds 0 and 1) and one that cannot (at most 0.1).
+ASHA_SPACE = {"optim.lr": {"grid": [0.05, 1e-6]}, "train.seed": {"choice": [0, 1]}}
+ASHA_EPOCHS = 3  # room for the stop to land before the stopped trial's last epoch
 
 
 def _config(data_path, workdir, tracking_uri, experiment, epochs=2, workers=1):
@@ -148,46 +150,47 @@ def test_trials_are_planned_to_fit_the_cluster_and_leave_ray_data_a_cpu(resource
 
 
 @pytest.mark.slow
-def test_sweep_of_4_trials_with_asha_tracks_nested_runs_and_best_config_runs(
+def test_an_asha_sweep_stops_the_worse_trial_and_tracks_nested_runs_and_the_best_config(
         ray_cluster, digits_noisy, workdir, tracking_uri, tmp_path):
+    """Two Ray Train trials, one after the other: a learning rate that trains, then one that cannot (1e-6), which
+    ASHA stops at its first rung (epoch 1) against the first trial's. The stopped trial's child run is still
+    closed complete, from its last checkpoint. (Two trials on Ray Train workers: on 2 cores a trial's cost is
+    Ray Train's start; test_bench.py's suites run trials in their own process.)"""
     import metacorrect
     from metacorrect.platform.trainer import run
 
-    cfg = _config(digits_noisy, workdir, tracking_uri, "sweep-tests")
+    cfg = _config(digits_noisy, workdir, tracking_uri, "sweep-tests", epochs=ASHA_EPOCHS)
     ctrl_c = signal.getsignal(signal.SIGINT)
-    result = metacorrect.sweep(cfg, SPACE, num_samples=2, scheduler="asha", max_concurrent_trials=2,
-                               name="asha4")  # 2 samples x grid of 2 seeds = 4 trials
+    result = metacorrect.sweep(cfg, ASHA_SPACE, num_samples=1, scheduler="asha", max_concurrent_trials=1,
+                               name="asha2")
     assert signal.getsignal(signal.SIGINT) is ctrl_c, "Ray Tune's Ctrl-C handler is not left behind"
 
     table = result.trials
-    assert len(table) == 4 and table["trial_id"].is_unique
-    assert sorted(table["train.seed"]) == [0, 0, 1, 1]
-    assert set(table["status"]) <= {"finished", "stopped early"} and "finished" in set(table["status"])
+    assert len(table) == 2 and table["trial_id"].is_unique
+    assert set(table["train.seed"]) <= {0, 1}
     assert table["best_val_accuracy"].notna().all()
     assert list(table["best_val_accuracy"]) == sorted(table["best_val_accuracy"], reverse=True)  # best first
-    for _, row in table.iterrows():  # ASHA (grace 1, reduction 2) stops trials after epoch 1, others run 2
-        assert row["epochs"] == (2 if row["status"] == "finished" else 1)
+    trains, cannot = (table.loc[table["optim.lr"] == lr].iloc[0] for lr in ASHA_SPACE["optim.lr"]["grid"])
+    # ASHA (grace 1, reduction 2) compares each trial at epoch 1 with those that reached it before
+    assert trains["status"] == "finished" and trains["epochs"] == ASHA_EPOCHS, table.to_string()
+    # the stop reaches a trial while it trains on: it may have finished the next epoch by then
+    assert cannot["status"] == "stopped early" and 1 <= cannot["epochs"] < ASHA_EPOCHS, table.to_string()
 
     client, children = _children(result.tracking_uri, result.parent_run_id)
-    assert len(children) == 4, "one nested child run per trial"
+    assert len(children) == 2, "one nested child run per trial"
     assert {c.data.tags["trial_id"] for c in children} == set(table["trial_id"])
     for child in children:
         assert child.info.status == "FINISHED"
-        history = client.get_metric_history(child.info.run_id, "val_accuracy")
-        epochs = int(table.loc[table["trial_id"] == child.data.tags["trial_id"], "epochs"].iloc[0])
-        steps = [m.step for m in history]
-        if epochs < 2:  # stopped by ASHA: the trial may log the epoch it was in when the stop reached it
-            assert steps in ([1], [1, 2]), steps
-        else:
-            assert steps == list(range(1, epochs + 1))
-        assert {"config.yaml", "model", "plots"} <= {a.path for a in client.list_artifacts(child.info.run_id)}
         row = table.loc[table["trial_id"] == child.data.tags["trial_id"]].iloc[0]
+        history = client.get_metric_history(child.info.run_id, "val_accuracy")
+        assert sorted(m.step for m in history) == list(range(1, int(row["epochs"]) + 1))
+        assert {"config.yaml", "model", "plots"} <= {a.path for a in client.list_artifacts(child.info.run_id)}
         assert float(child.data.params["optim.lr"]) == pytest.approx(float(row["optim.lr"]))
         # named by its searched values and the trial's number
         number = int(row["trial_id"].rsplit("_", 1)[1])
         assert child.info.run_name == f"lr={float(row['optim.lr']):.3g} seed={int(row['train.seed'])} #{number}"
         assert child.data.tags["seed"] == str(int(row["train.seed"])) and child.data.tags["method"] == "erm"
-        assert "epoch" not in child.data.metrics and child.data.tags["epoch"] in ("1", "2")
+        assert "epoch" not in child.data.metrics and child.data.tags["epoch"] == str(int(row["epochs"]))
 
     parent = client.get_run(result.parent_run_id)
     assert parent.info.status == "FINISHED"
@@ -195,7 +198,7 @@ def test_sweep_of_4_trials_with_asha_tracks_nested_runs_and_best_config_runs(
     # every field of the base config (the overrides included), less the searched ones
     assert parent.data.params["model.width"] == "8" and parent.data.params["train.eval_noisy"] == "off"
     assert "optim.lr" not in parent.data.params and "train.seed" not in parent.data.params
-    assert parent.data.tags["sweep.trials"] == "4" and "wall_s" in parent.data.tags
+    assert parent.data.tags["sweep.trials"] == "2" and "wall_s" in parent.data.tags
     assert parent.data.tags["mlflow.note.content"].startswith("sweep of optim.lr, train.seed")
     artifacts = {a.path for a in client.list_artifacts(result.parent_run_id)}
     assert {"trials.csv", "space.yaml", "best_config.yaml", "config.yaml"} <= artifacts
@@ -205,7 +208,7 @@ def test_sweep_of_4_trials_with_asha_tracks_nested_runs_and_best_config_runs(
     for plot in plots:
         assert Path(client.download_artifacts(result.parent_run_id, plot, str(tmp_path))).stat().st_size > 5000
     trials_csv = Path(client.download_artifacts(result.parent_run_id, "trials.csv", str(tmp_path)))
-    assert len(trials_csv.read_text().strip().splitlines()) == 5
+    assert len(trials_csv.read_text().strip().splitlines()) == 3
 
     best_row = table.iloc[0]
     best_file = result.save_best(tmp_path / "best.yaml")
@@ -216,7 +219,7 @@ def test_sweep_of_4_trials_with_asha_tracks_nested_runs_and_best_config_runs(
     assert again.metrics["epoch"] == 1 and 0.0 <= again.metrics["val_accuracy"] <= 1.0
 
     with pytest.raises(ConfigError, match="already exists.*--resume"):
-        metacorrect.sweep(cfg, SPACE, num_samples=2, name="asha4")
+        metacorrect.sweep(cfg, ASHA_SPACE, num_samples=1, name="asha2")
 
 
 @pytest.mark.slow

@@ -1,9 +1,9 @@
 """Step checkpoints (`train.checkpoint_every`) and step metrics (`train.log_every`), with real processes: a
-driver SIGKILLed, and a Ray Train worker SIGKILLed by pid (conftest's erm run, shared with the other fault and
-two-worker tests), in the middle of an epoch. The run resumes inside the epoch, every noisy id of that epoch is
-trained on exactly once across the interruption (read from `train.trace_ids_dir`, the ids each step trained on), and with one worker and
-`data.deterministic: true` the final weights and label table equal an uninterrupted run's. That runs leave
-nothing running is checked after the many runs of test_workers_e2e.py."""
+driver stopped by SIGTERM, and a Ray Train worker SIGKILLed by pid (conftest's erm run, shared with the other
+fault and two-worker tests), in the middle of an epoch. The run resumes inside the epoch, every noisy id of that
+epoch is trained on exactly once across the interruption (read from `train.trace_ids_dir`, the ids each step
+trained on), and with one worker and `data.deterministic: true` the final weights and label table equal an
+uninterrupted run's. That runs leave nothing running is checked after the many runs of test_workers_e2e.py."""
 from __future__ import annotations
 
 import json
@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from procs import start_cli, stop_group, wait_until
+from procs import start_and_signal
 from run_dirs import committed, mid_epoch_committed
 
 pytestmark = pytest.mark.slow
@@ -66,8 +66,12 @@ def _common(data: Path, tmp_path: Path) -> list[str]:
             "tracking.experiment=step-checkpoints", "method.warmup_epochs=1", "method.label_lr=20000"]
 
 
-def test_a_driver_killed_mid_epoch_resumes_inside_it_each_id_once_and_ends_as_an_uninterrupted_run(
+def test_a_driver_stopped_mid_epoch_resumes_inside_it_each_id_once_and_ends_as_an_uninterrupted_run(
         ray_cluster, digits_noisy, tmp_path):
+    """SIGTERM (a scheduler's stop; Ctrl-C takes the same handler on Ray Train) once a step checkpoint inside
+    epoch 2 is committed: exit status 143 and the MLflow run KILLED; the same name resumes inside the epoch."""
+    from mlflow.tracking import MlflowClient
+
     from metacorrect.config import ExperimentConfig
     from metacorrect.platform.trainer import run
 
@@ -76,18 +80,18 @@ def test_a_driver_killed_mid_epoch_resumes_inside_it_each_id_once_and_ends_as_an
                                                f"train.trace_ids_dir={trace}"]
     run_dir = tmp_path / "runs" / "killed"
     log = tmp_path / "driver.log"
-    driver = start_cli(["run", "configs/digits_mslg.yaml", "--name", "killed", *_sets(sets)], log,
-                       {"RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address})
-    try:
-        wait_until(lambda: mid_epoch_committed(run_dir, after_epochs=1), driver, 300, "a step checkpoint inside epoch 2")
-        driver.send_signal(signal.SIGKILL)
-        driver.wait(timeout=30)
-    finally:
-        stop_group(driver.pid)
-    assert not any(n == f"checkpoint_epoch{EPOCHS:04d}" for n in committed(run_dir)), "killed inside the run"
+    code = start_and_signal(["run", "configs/digits_mslg.yaml", "--name", "killed", *_sets(sets)], log,
+                            {"RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}, signal.SIGTERM,
+                            lambda: mid_epoch_committed(run_dir, after_epochs=1))
+    assert code == 143, log.read_text()[-3000:]
+    run_id = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
+    assert MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}").get_run(run_id).info.status == "KILLED"
+    assert not any(n == f"checkpoint_epoch{EPOCHS:04d}" for n in committed(run_dir)), "stopped inside the run"
 
     cfg = ExperimentConfig.from_yaml("configs/digits_mslg.yaml", sets + ["tracking.run_name=killed"])
     resumed = run(cfg, progress=False)
+    assert resumed.mlflow_run_id == run_id and MlflowClient(resumed.tracking_uri).get_run(run_id).info.status == \
+        "FINISHED", "the stopped run, resumed, ends FINISHED"
     epoch, resumed_after, ids = _ids_of_interrupted_epoch(trace)
     assert resumed_after % EVERY == 0 and resumed_after % (NOISY_ROWS // BATCH + 1), \
         f"resumed from a step checkpoint inside epoch {epoch + 1} (after global step {resumed_after})"
@@ -106,8 +110,6 @@ def test_a_driver_killed_mid_epoch_resumes_inside_it_each_id_once_and_ends_as_an
         assert _step_history(resumed.tracking_uri, resumed.mlflow_run_id, key) == \
             list(range(LOG_EVERY, steps + 1, LOG_EVERY)), f"{key}: each step once, at the global step"
     assert _step_history(resumed.tracking_uri, resumed.mlflow_run_id, "val_accuracy") == list(range(1, EPOCHS + 1))
-    from mlflow.tracking import MlflowClient
-
     shares = {m.step: m.value for m in MlflowClient(resumed.tracking_uri).get_metric_history(
         resumed.mlflow_run_id, "step/meta_share")}
     per_epoch = NOISY_ROWS // BATCH + 1

@@ -11,8 +11,9 @@ Most of the rest of the suite waits on Ray starting and stopping processes with 
 starts this module as a subprocess with the session's first test: it trains every run of `PLANNED` in order
 and pickles each result into a directory, from which `background_runs` picks it up. Each run is claimed (a file
 created exclusively) before it is trained: a run the session asks for before the background reached it, or one
-not planned here, is trained in the test process instead, so a run of one file never waits on a queue. This
-process runs on a Ray cluster of its own (RAY_ADDRESS=local), started with the session's first test: its runs
+not planned here, is trained in the test process instead, so a run of one file never waits on a queue. It runs
+at a lower priority (`NICENESS`): it yields the CPU to the other tests and takes what they leave idle, and the
+tests that read its runs come last. This process runs on a Ray cluster of its own (RAY_ADDRESS=local), started with the session's first test: its runs
 overlap the tests that run before the session's cluster starts, and its CPUs never keep a test's run waiting for
 its resources on the session's two. Its MLflow store is a SQLite file of its own, so two processes never write
 one database.
@@ -39,6 +40,9 @@ WORKERS_EPOCHS = 4  # tests/test_workers_e2e.py and benchmarks/workers_agreement
 WORKERS_METHODS = ("erm", "clean_only", "mlc", "emlc", "mslg", "soft_labels", "ieg", "mwnet", "l2rw")
 TWO_WORKER_METHODS = tuple(m for m in WORKERS_METHODS if m != "erm")  # erm's: conftest's killed-and-retried run
 LEFT_BEHIND = ("two_workers_left_behind",)
+# The other tests first: this process (and its Ray cluster) takes the CPU they leave idle, and the tests that read
+# its runs come last (conftest's test order).
+NICENESS = 10
 # In the order the suite asks for them (test_label_methods_e2e, test_methods_e2e, test_methods_reweight_e2e,
 # test_workers_e2e).
 PLANNED = [*[("accuracy", "sym60", m, ACCURACY_EPOCHS) for m in ("erm", "mslg", "soft_labels", "mlc", "emlc", "ieg")],
@@ -142,6 +146,16 @@ def _two_worker_runs(out_dir: Path, workdir: Path, tracking_uri: str) -> None:
     save(out_dir, LEFT_BEHIND, (*left_behind(before), len(trained)))
 
 
+def _lower_priority() -> None:
+    os.nice(NICENESS)
+    # Where Linux schedules by autogroup (a group per session, this process leads one), niceness counts only within
+    # the group; between groups, the group's own niceness does.
+    try:
+        Path("/proc/self/autogroup").write_text(str(NICENESS))
+    except OSError:  # not Linux, or autogroup scheduling is off
+        pass
+
+
 def main(out: str, workdir: str, tracking_uri: str, kinds: str) -> None:
     import ray
 
@@ -149,6 +163,7 @@ def main(out: str, workdir: str, tracking_uri: str, kinds: str) -> None:
 
     out_dir, wanted = Path(out), set(kinds.split(","))
     out_dir.mkdir(parents=True, exist_ok=True)
+    _lower_priority()  # before Ray starts: its processes inherit it
     ensure_ray()  # RAY_ADDRESS=local: a cluster of this process's own
     # Ray's state API reads RAY_ADDRESS before its `address` argument: "local" would make it look for clusters.
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address

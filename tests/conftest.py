@@ -30,8 +30,14 @@ def pytest_configure(config) -> None:
 
 def pytest_collection_modifyitems(session, config, items) -> None:
     """Tests that need no Ray first, each file's order kept: several check that a bad input is refused before
-    Ray starts (`ray.is_initialized()` in this process), which the session's cluster, once up, would hide."""
-    items.sort(key=lambda item: "ray_cluster" in getattr(item, "fixturenames", ()))
+    Ray starts (`ray.is_initialized()` in this process), which the session's cluster, once up, would hide. The
+    tests that read tests/background_runs.py's runs last: the background trains them at a lower priority, on
+    the CPU the other tests leave idle, for as long as the rest of the suite takes."""
+    def order(item) -> tuple[bool, bool]:
+        names = getattr(item, "fixturenames", ())
+        return "ray_cluster" in names or "background_runs" in names, "background_runs" in names
+
+    items.sort(key=order)
 
 
 @pytest.fixture

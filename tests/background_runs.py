@@ -13,9 +13,9 @@ and pickles each result into a directory, from which `background_runs` picks it 
 created exclusively) before it is trained: a run the session asks for before the background reached it, or one
 not planned here, is trained in the test process instead, so a run of one file never waits on a queue. It runs
 at a lower priority (`NICENESS`): it yields the CPU to the other tests and takes what they leave idle, and the
-tests that read its runs come last. This process runs on a Ray cluster of its own (RAY_ADDRESS=local), started with the session's first test: its runs
-overlap the tests that run before the session's cluster starts, and its CPUs never keep a test's run waiting for
-its resources on the session's two. Its MLflow store is a SQLite file of its own, so two processes never write
+tests that read its runs come last. This process runs on a Ray cluster of its own (RAY_ADDRESS=local), started
+with the session's first test: its runs overlap the tests that run before the session's cluster starts, and its
+CPUs never keep a test's run waiting for its resources on the session's two. Its MLflow store is a SQLite file of its own, so two processes never write
 one database.
 
     python tests/background_runs.py OUT_DIR WORKDIR TRACKING_URI KIND[,KIND...]

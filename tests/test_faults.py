@@ -90,7 +90,8 @@ def test_driver_killed_then_resumed_logs_each_epoch_once_as_an_uninterrupted_run
         assert [s for s, _ in history] == list(range(1, KILLED_RUN_EPOCHS + 1)), (key, history)
         assert history == _history(uri, straight.mlflow_run_id, key), f"{key}: resumed != uninterrupted"
     left = {p.name for p in run_dir.glob("checkpoint_epoch*")}
-    assert left == set(committed(run_dir)) == {f"checkpoint_epoch{e:04d}" for e in (KILLED_RUN_EPOCHS - 1, KILLED_RUN_EPOCHS)}, \
+    last_two = {f"checkpoint_epoch{e:04d}" for e in (KILLED_RUN_EPOCHS - 1, KILLED_RUN_EPOCHS)}
+    assert left == set(committed(run_dir)) == last_two, \
         f"only committed checkpoints remain (written {written}, uncommitted at the kill {uncommitted})"
     journal = run_dir / "failures.jsonl"
     assert not journal.exists(), f"a killed driver is not a training failure: {journal.read_text()[-2000:]}"

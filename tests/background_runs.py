@@ -7,16 +7,16 @@
   two runs at a time on a Ray cluster of this process's own; then ("two_workers_left_behind",): the actors and
   placement groups those runs left (Ray's state API, this process's job), which must be none.
 
-Most of the rest of the suite waits on Ray starting and stopping processes with a core to spare, so conftest
-starts this module as a subprocess with the session's first test: it trains every run of `PLANNED` in order
-and pickles each result into a directory, from which `background_runs` picks it up. Each run is claimed (a file
-created exclusively) before it is trained: a run the session asks for before the background reached it, or one
-not planned here, is trained in the test process instead, so a run of one file never waits on a queue. It runs
-at a lower priority (`NICENESS`): it yields the CPU to the other tests and takes what they leave idle, and the
-tests that read its runs come last. This process runs on a Ray cluster of its own (RAY_ADDRESS=local), started
-with the session's first test: its runs overlap the tests that run before the session's cluster starts, and its
-CPUs never keep a test's run waiting for its resources on the session's two. Its MLflow store is a SQLite file of its own, so two processes never write
-one database.
+Most of the rest of the suite waits on Ray starting and stopping processes with a core to spare, so conftest starts
+this module as a subprocess with the session's first test: it trains every run of `PLANNED` in order and pickles
+each result into a directory, from which `background_runs` picks it up. Each run is claimed (a file created
+exclusively) before it is trained: a run the session asks for before the background reached it, or one not planned
+here, is trained in the test process instead, so a run of one file never waits on a queue. It runs at the lowest
+priority (`_lower_priority`): it yields the CPU to the other tests and takes what they leave idle, and the tests
+that read its runs come last. This process runs on a Ray cluster of its own (RAY_ADDRESS=local), started with the
+session's first test: its runs overlap the tests that run before the session's cluster starts, and its CPUs never
+keep a test's run waiting for its resources on the session's two. Its MLflow store is a SQLite file of its own, so
+two processes never write one database.
 
     python tests/background_runs.py OUT_DIR WORKDIR TRACKING_URI KIND[,KIND...]
 
@@ -41,8 +41,12 @@ WORKERS_METHODS = ("erm", "clean_only", "mlc", "emlc", "mslg", "soft_labels", "i
 TWO_WORKER_METHODS = tuple(m for m in WORKERS_METHODS if m != "erm")  # erm's: conftest's killed-and-retried run
 LEFT_BEHIND = ("two_workers_left_behind",)
 # The other tests first: this process (and its Ray cluster) takes the CPU they leave idle, and the tests that read
-# its runs come last (conftest's test order).
-NICENESS = 10
+# its runs come last (conftest's test order). The lowest niceness: Ray starts its workers 15 steps nicer than their
+# raylet, so a test's own Ray Train workers run at 15, and a background at 10 would take the CPU from them.
+NICENESS = 19
+# How long this cluster's Ray Train runs may take to start their workers (Ray Train's default is 60 s): at the lowest
+# priority, with the rest of the suite busy on every core, starting two workers can take longer.
+WORKER_GROUP_START_TIMEOUT_S = 900
 # In the order the suite asks for them (test_label_methods_e2e, test_methods_e2e, test_methods_reweight_e2e,
 # test_workers_e2e).
 PLANNED = [*[("accuracy", "sym60", m, ACCURACY_EPOCHS) for m in ("erm", "mslg", "soft_labels", "mlc", "emlc", "ieg")],
@@ -147,9 +151,14 @@ def _two_worker_runs(out_dir: Path, workdir: Path, tracking_uri: str) -> None:
 
 
 def _lower_priority() -> None:
+    """This process and every process it starts (its Ray cluster's too) run only on CPU the suite leaves idle."""
     os.nice(NICENESS)
-    # Where Linux schedules by autogroup (a group per session, this process leads one), niceness counts only within
-    # the group; between groups, the group's own niceness does.
+    try:  # Linux: below any niceness, a task that runs when no other wants the core
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        pass
+    # Where Linux schedules by autogroup (a group per session, this process leads one), priorities count only
+    # within the group; between groups, the group's own niceness does.
     try:
         Path("/proc/self/autogroup").write_text(str(NICENESS))
     except OSError:  # not Linux, or autogroup scheduling is off
@@ -164,6 +173,7 @@ def main(out: str, workdir: str, tracking_uri: str, kinds: str) -> None:
     out_dir, wanted = Path(out), set(kinds.split(","))
     out_dir.mkdir(parents=True, exist_ok=True)
     _lower_priority()  # before Ray starts: its processes inherit it
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(WORKER_GROUP_START_TIMEOUT_S))
     ensure_ray()  # RAY_ADDRESS=local: a cluster of this process's own
     # Ray's state API reads RAY_ADDRESS before its `address` argument: "local" would make it look for clusters.
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address

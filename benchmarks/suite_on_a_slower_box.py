@@ -41,15 +41,18 @@ def make_cgroup(cpus: float) -> tuple[Path, Path]:
     where the cpu controller is there, else v1's cpu hierarchy."""
     quota = max(1000, int(cpus * PERIOD_US))
     controllers = Path("/sys/fs/cgroup/cgroup.controllers")
-    if controllers.is_file() and "cpu" in controllers.read_text().split():
-        group = controllers.parent / NAME
-        group.mkdir()
-        (group / "cpu.max").write_text(f"{quota} {PERIOD_US}")
-        return group, group / "cgroup.procs"
-    group = Path("/sys/fs/cgroup/cpu") / NAME
+    v2 = controllers.is_file() and "cpu" in controllers.read_text().split()
+    group = (controllers.parent if v2 else Path("/sys/fs/cgroup/cpu")) / NAME
     group.mkdir()
-    (group / "cpu.cfs_period_us").write_text(str(PERIOD_US))
-    (group / "cpu.cfs_quota_us").write_text(str(quota))
+    try:
+        if v2:
+            (group / "cpu.max").write_text(f"{quota} {PERIOD_US}")
+        else:
+            (group / "cpu.cfs_period_us").write_text(str(PERIOD_US))
+            (group / "cpu.cfs_quota_us").write_text(str(quota))
+    except OSError:
+        group.rmdir()
+        raise
     return group, group / "cgroup.procs"
 
 
@@ -85,8 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     try:
         if not args.no_baseline:
+            print("the suite on this box as it is ...", flush=True)
             rows.append(("this box", *run_suite(pytest_args, None)))
             print(f"this box: {rows[-1][1]:.0f} s, {rows[-1][3]}", flush=True)
+        cpus = args.cores / args.slowdown
+        print(f"the suite with {cpus:.3f} CPUs in all ({args.slowdown:g}x slower) ...", flush=True)
         rows.append((f"{args.slowdown:g}x slower", *run_suite(pytest_args, procs_file)))
     finally:
         deadline = time.monotonic() + 60  # Ray's processes end a few seconds after the suite's last test

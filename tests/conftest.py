@@ -31,7 +31,7 @@ def pytest_configure(config) -> None:
 def pytest_collection_modifyitems(session, config, items) -> None:
     """Tests that need no Ray first, each file's order kept: several check that a bad input is refused before
     Ray starts (`ray.is_initialized()` in this process), which the session's cluster, once up, would hide. The
-    tests that read tests/background_runs.py's runs last: the background trains them at a lower priority, on
+    tests that read tests/background_runs.py's runs last: the background trains them at the lowest priority, on
     the CPU the other tests leave idle, for as long as the rest of the suite takes."""
     def order(item) -> tuple[bool, bool]:
         names = getattr(item, "fixturenames", ())

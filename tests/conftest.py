@@ -144,6 +144,7 @@ def _background_process(request, digits_noisy, workdir):
         yield None
         return
     out, log = workdir / "background-runs", workdir / "background-runs.log"
+    out.mkdir()  # here, not only in the process: a test may claim a run before that process has started
     env = os.environ | {"RAY_ADDRESS": "local", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     with open(log, "wb") as sink:
         proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("background_runs.py")), str(out),

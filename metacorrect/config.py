@@ -15,15 +15,8 @@ from typing import Any, Union
 import yaml
 
 from metacorrect.checks import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, UNIT_HALF_OPEN, UNIT_OPEN, field_problems, one_of
+from metacorrect.errors import ConfigError  # noqa: F401  (where users and the CLI import it from)
 from metacorrect.methods.base import ENGINE_FIELDS, MethodConfig
-
-
-class ConfigError(ValueError):
-    """Invalid configuration; `problems` holds one line per problem."""
-
-    def __init__(self, problems: list[str] | str):
-        self.problems = [problems] if isinstance(problems, str) else list(problems)
-        super().__init__("\n".join(self.problems))
 
 
 @dataclass

@@ -10,6 +10,16 @@ class DataError(ValueError):
     """A data set or source is missing, incomplete or malformed; the message names the file."""
 
 
+class ConfigError(ValueError):
+    """Invalid configuration; `problems` holds one line per problem. (`metacorrect.config` exports it too; it
+    lives here so that Ray Train's controller, which reads the failure policy, does not import torch with the
+    config classes.)"""
+
+    def __init__(self, problems: list[str] | str):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("\n".join(self.problems))
+
+
 def first_line(error: BaseException) -> str:
     """The first line of an error's message (its type's name if it has none), for one-line reports."""
     text = str(unwrapped(error)).strip()

@@ -17,8 +17,7 @@ from ray.train.v2._internal.execution.failure_handling import DefaultFailurePoli
 from ray.train.v2._internal.execution.failure_handling.failure_policy import FailureDecision
 from ray.train.v2.api.exceptions import WorkerGroupError
 
-from metacorrect.config import ConfigError
-from metacorrect.errors import DataError, first_line, unwrapped
+from metacorrect.errors import ConfigError, DataError, first_line, unwrapped
 
 FAILURES_FILE = "failures.jsonl"
 

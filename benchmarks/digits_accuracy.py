@@ -44,6 +44,8 @@ def main() -> None:
     parser.add_argument("--settings", default=",".join(PLAN), help=f"comma-separated, of {', '.join(SETTINGS)}")
     parser.add_argument("--methods", help="comma-separated (default: the plan above per setting)")
     args = parser.parse_args()
+    if args.seeds < 1 or args.epochs < 1:
+        parser.error("--seeds and --epochs must be at least 1")
     work = Path(tempfile.mkdtemp(prefix="digits-accuracy-"))
     tables = []
     for setting in args.settings.split(","):
@@ -52,6 +54,7 @@ def main() -> None:
         methods = args.methods.split(",") if args.methods else PLAN[setting]
         scores: dict[str, list[float]] = {}
         corrected: dict[str, list[float]] = {}
+        asserted: dict[str, list[dict[str, float]]] = {}
         for method in methods:
             started = time.time()
             for seed in range(args.seeds):
@@ -64,15 +67,16 @@ def main() -> None:
                 scores.setdefault(method, []).append(result.metrics["test_at_best_val"])
                 if "corrected_accuracy" in result.metrics:
                     corrected.setdefault(method, []).append(result.metrics["corrected_accuracy"])
+                asserted.setdefault(method, []).append(_asserted(result))
             print(f"{setting} {method}: {[round(s, 3) for s in scores[method]]} ({time.time() - started:.0f} s)",
                   flush=True)
-        tables.append((setting, scores, corrected))
+        tables.append((setting, scores, corrected, asserted))
     print(f"\n{args.seeds} seeds (train.seed 0..{args.seeds - 1}), {args.epochs} epochs, test accuracy at the best "
           f"validation epoch\n")
     print("| setting | method | mean ± std | min | min margin over erm | min margin over clean_only | "
           "corrected labels (mean) |")
     print("|---|---|---|---|---|---|---|")
-    for setting, scores, corrected in tables:
+    for setting, scores, corrected, _ in tables:
         for method, values in scores.items():
             margins = []
             for base in ("erm", "clean_only"):
@@ -81,8 +85,30 @@ def main() -> None:
                 else:
                     margins.append("-")
             fixed = f"{statistics.mean(corrected[method]):.3f}" if method in corrected else "-"
-            print(f"| {setting} | {method} | {statistics.mean(values):.3f} ± {statistics.stdev(values):.3f} | "
+            print(f"| {setting} | {method} | {statistics.mean(values):.3f} ± {(statistics.stdev(values) if len(values) > 1 else 0.0):.3f} | "
                   f"{min(values):.3f} | {margins[0]} | {margins[1]} | {fixed} |")
+
+    print(f"\nWhat the end-to-end tests assert on one seed, worst seed here: {', '.join(CLAIMS)}\n")
+    print("| setting | method | " + " | ".join(CLAIMS) + " |")
+    print("|---|---|" + "---|" * len(CLAIMS))
+    for setting, _, _, asserted in tables:
+        for method, rows in asserted.items():
+            cells = [f"{min(r[k] for r in rows):.3f}" if all(k in r for r in rows) else "-" for k in CLAIMS]
+            print(f"| {setting} | {method} | " + " | ".join(cells) + " |")
+
+
+# Quantities the end-to-end tests assert a bound on (tests/test_methods_e2e.py, test_label_methods_e2e.py,
+# test_methods_reweight_e2e.py): the corrected labels' accuracy, on all noisy rows and on the corrupted ones; how
+# much the corrupted rows' accuracy grew from the first epoch to the last; the EMA model's final test accuracy.
+CLAIMS = ("corrected_accuracy", "corrected_accuracy_corrupted", "corrupted_growth", "ema_test_accuracy")
+
+
+def _asserted(result) -> dict[str, float]:
+    out = {k: result.metrics[k] for k in CLAIMS if k in result.metrics}
+    corrupted = [h["corrected_accuracy_corrupted"] for h in result.history if "corrected_accuracy_corrupted" in h]
+    if corrupted:
+        out["corrupted_growth"] = corrupted[-1] - corrupted[0]
+    return out
 
 
 if __name__ == "__main__":

@@ -24,6 +24,9 @@ def _rank(results_fn: RankResults, rank: int, init_file: str, out_dir: str) -> N
                             timeout=datetime.timedelta(seconds=120))
     try:
         torch.save(results_fn(rank, Collective(2, rank)), os.path.join(out_dir, f"rank{rank}.pt"))
+        # Both ranks done before either closes its connections: a rank whose peer tore the group down while its
+        # gloo threads still used it was seen aborting ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
         torch.set_default_dtype(dtype)

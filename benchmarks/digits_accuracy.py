@@ -5,7 +5,10 @@ Each method runs its digits config (`configs/digits_*.yaml`) on the same prepare
 validation images per class, data seed 0) with train.seed 0..S-1, the loop in the driver, a fixed block order.
 Printed per noise setting and method: test accuracy at the best validation epoch, mean ± std over the seeds,
 its minimum, and its smallest margin over `erm` and over `clean_only` (the same seed's run); for label-correcting
-methods the accuracy of the corrected labels. Selection is on validation only.
+methods the accuracy of the corrected labels. A second table gives the worst seed of each other quantity the
+end-to-end tests bound: the corrected labels' accuracy (on all noisy rows and on the corrupted ones), how much the
+corrupted rows' accuracy grew from the first epoch to the last, and IEG's EMA model's test accuracy. Selection is
+on validation only.
 
     python benchmarks/digits_accuracy.py                                   # the tests' settings, 5 seeds
     python benchmarks/digits_accuracy.py --seeds 3 --epochs 25 --settings sym60 --methods erm,clean_only,mlc,emlc

@@ -288,6 +288,18 @@ def test_cli_invalid_config_in_fresh_process_never_imports_ray() -> None:
     assert "error: optim.lr: must be > 0, got -1.0" in proc.stderr
 
 
+def test_what_rays_own_processes_load_of_the_project_never_imports_torch() -> None:
+    """Ray starts processes that never train but load a module of the project: every worker its setup hook, Ray
+    Train's controller the failure policy, the dataset manager the data config, Ray Data's tasks the stream's
+    decoder. Importing torch would cost each of them about 1.5 CPU-seconds, dozens of times per test session."""
+    modules = ("metacorrect.platform.workers", "metacorrect.platform.failure_policy",
+               "metacorrect.platform.data_config", "metacorrect.datasets.stream")
+    code = f"import sys; import {', '.join(modules)}; print('torch' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"
+
+
 def test_cli_missing_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     missing = tmp_path / "nope.yaml"
     rc = main(["run", str(missing), "--quiet"])

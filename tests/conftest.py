@@ -17,11 +17,12 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 # The suite's Ray clusters (this session's, the background's, those its subprocesses start) live for the whole
-# run, and an idle cluster's periodic work is paid for every second of it: on a box twice as slow, twice over
-# (docs/benchmarks.md, "Where the suite's work goes"). Ray's log monitor, the largest part of it, looks for new
-# worker log files ten times a second while it has fewer than this many; at 0 it looks every 0.5 s (it still
-# streams each file from its start). No test reads Ray's usage reports. (Ray's metrics and task events stay on:
-# with them off too, two suites each left a Ray Train controller hung in Ray's exit.)
+# run, and a cluster's periodic work is paid for every second it lives: on a box twice as slow, twice over
+# (docs/benchmarks.md, "Where the suite's work goes"). Ray's log monitor, its largest part there, looks for new
+# worker log files ten times a second while it watches fewer files than this threshold (1000 by default); at 0
+# it looks every 0.5 s (it still streams each file from its start). No test reads Ray's usage reports. (Ray's
+# metrics and task events stay on: with them off too, two suites each left a Ray Train controller hung in
+# Ray's exit.)
 os.environ.setdefault("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # tests share the benchmarks' settings

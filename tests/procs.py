@@ -116,8 +116,10 @@ def run_own_cluster(args: list[str], sets: list[str]) -> str:
     it exits 0. Returns its console, colours removed."""
     import re
 
-    # RAY_AUTH_MODE too: the session's own cluster sets it in this process once it has started.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_TRAIN_") and k != "RAY_AUTH_MODE"}
+    # RAY_AUTH_MODE too: the session's own cluster sets it in this process once it has started; and conftest's
+    # settings for the suite's clusters (the log monitor's, usage reports), so that a notice they hide shows here.
+    suite_only = {"RAY_AUTH_MODE", "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD", "RAY_USAGE_STATS_ENABLED"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_TRAIN_") and k not in suite_only}
     env |= {"RAY_ADDRESS": "local", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-m", "metacorrect", "run", "configs/digits_demo.yaml", *args,
                            *[a for s in sets for a in ("--set", s)]],

@@ -18,6 +18,7 @@ import torch
 
 from metacorrect.config import ExperimentConfig
 from metacorrect.datasets.contract import read_meta
+from metacorrect.datasets.stream import decoded_bytes
 from metacorrect.methods import METHODS, Batch, MethodContext
 from metacorrect.methods.backbones import build_backbone
 from metacorrect.platform import checkpoint as ckpt
@@ -116,7 +117,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     local_bs = train.batch_size // world
     clean = CleanCycle(shard("clean"), train.clean_batch_size // world, device, norm, meta.counts["clean_train"],
-                       seed=seed * 7919 + rank * 104729, augment=cfg.data.augment)
+                       seed=seed * 7919 + rank * 104729, augment=cfg.data.augment,
+                       set_bytes=decoded_bytes(meta, "clean_train"))
     noisy_shard = shard("noisy")
     template = empty_rows(meta, device)
     trace = _IdTrace(train.trace_ids_dir, rank)

@@ -23,7 +23,7 @@ def runs(digits_runs):
 @pytest.mark.parametrize("noise", ["sym60", "pair40"])
 def test_ieg_beats_erm(runs, noise):
     score = {m: r.metrics["test_at_best_val"] for (n, m), r in runs.items() if n == noise}
-    assert score["ieg"] > score["erm"] + 0.03, score  # 5-seed minimum margins: +0.072 / +0.120
+    assert score["ieg"] > score["erm"] + 0.03, score  # 5-seed minimum margins: +0.086 / +0.097
 
 
 def test_ieg_logs_the_ema_model_and_trains_on_worker_made_views(runs):

@@ -18,18 +18,19 @@ pytestmark = pytest.mark.slow
 EPOCHS = WORKERS_EPOCHS
 # Bounds on |two workers - one worker| of each method's final test accuracy, corrected labels' accuracy and mean
 # weights of clean / corrupted samples: twice the largest difference that benchmarks/workers_agreement.py
-# measured at these settings (3 seeds, twice) between two one-worker runs of different seeds or between a
-# two-worker run and its one-worker run, at least 0.05 (docs/runs.md, two workers and one). Four epochs are early
-# in training for the slow learners (IEG is at 0.3-0.65), whose bounds are correspondingly wide.
+# measured at these settings in any of its runs (3 seeds, three times; MSLG and L2RW also 5 seeds) between two
+# one-worker runs of different seeds or between a two-worker run and its one-worker run, at least 0.05
+# (docs/benchmarks.md, "Two workers and one"). Four epochs are early in training for the slow learners (IEG is at
+# 0.3-0.65), whose bounds are correspondingly wide.
 BOUNDS = {
-    "erm": {"test_accuracy": 0.05}, "clean_only": {"test_accuracy": 0.05},
+    "erm": {"test_accuracy": 0.08}, "clean_only": {"test_accuracy": 0.05},
     "mlc": {"test_accuracy": 0.32, "corrected_accuracy": 0.30},
     "emlc": {"test_accuracy": 0.21, "corrected_accuracy": 0.12},
-    "mslg": {"test_accuracy": 0.17, "corrected_accuracy": 0.21},
-    "soft_labels": {"test_accuracy": 0.21, "corrected_accuracy": 0.06},
+    "mslg": {"test_accuracy": 0.21, "corrected_accuracy": 0.21},
+    "soft_labels": {"test_accuracy": 0.22, "corrected_accuracy": 0.07},
     "ieg": {"test_accuracy": 0.70, "weight_mean_clean": 0.79, "weight_mean_corrupted": 0.52},
-    "mwnet": {"test_accuracy": 0.18, "weight_mean_clean": 0.10, "weight_mean_corrupted": 0.11},
-    "l2rw": {"test_accuracy": 0.19, "weight_mean_clean": 0.14, "weight_mean_corrupted": 0.09},
+    "mwnet": {"test_accuracy": 0.18, "weight_mean_clean": 0.10, "weight_mean_corrupted": 0.12},
+    "l2rw": {"test_accuracy": 0.27, "weight_mean_clean": 0.39, "weight_mean_corrupted": 0.26},
 }
 NOISY_ROWS = 1138
 

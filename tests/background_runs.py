@@ -143,11 +143,11 @@ def _two_worker_runs(out_dir: Path, workdir: Path, tracking_uri: str) -> None:
                 save(out_dir, key, train(workdir, tracking_uri, key))
                 trained.append(key)
 
-    before = alive_actors()
+    before = alive_actors(from_gcs=True)  # this cluster has no dashboard (`main`), so no state API
     with ThreadPoolExecutor(max_workers=2) as pool:
         for future in [pool.submit(work) for _ in range(2)]:
             future.result()
-    save(out_dir, LEFT_BEHIND, (*left_behind(before), len(trained)))
+    save(out_dir, LEFT_BEHIND, (*left_behind(before, from_gcs=True), len(trained)))
 
 
 def _lower_priority() -> None:
@@ -174,8 +174,10 @@ def main(out: str, workdir: str, tracking_uri: str, kinds: str) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     _lower_priority()  # before Ray starts: its processes inherit it
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(WORKER_GROUP_START_TIMEOUT_S))
-    ensure_ray()  # RAY_ADDRESS=local: a cluster of this process's own
-    # Ray's state API reads RAY_ADDRESS before its `address` argument: "local" would make it look for clusters.
+    # RAY_ADDRESS=local: a cluster of this process's own. No dashboard: nothing reads it, and on a box twice as slow
+    # its processes took ~28 core-seconds of the suite's CPU (docs/benchmarks.md).
+    ensure_ray(include_dashboard=False)
+    # Whatever in this process looks for a cluster by RAY_ADDRESS finds this one ("local" would start another).
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     try:
         for key in PLANNED:

@@ -23,8 +23,16 @@ def _address() -> str:
     return ray.get_runtime_context().gcs_address
 
 
-def alive_actors() -> dict[str, str]:
-    """actor id -> class name of this job's alive actors."""
+def alive_actors(from_gcs: bool = False) -> dict[str, str]:
+    """actor id -> class name of this job's alive actors. `from_gcs`: read Ray's control store directly, for a
+    cluster started without a dashboard (the state API is the dashboard's); Ray offers that read only as a
+    debugging helper, so the suite's own cluster keeps the state API."""
+    if from_gcs:
+        import ray
+        from ray._private import state
+
+        alive = state.actors(job_id=ray.JobID.from_hex(_job()), actor_state_name="ALIVE")
+        return {a["ActorID"]: a["ActorClassName"] for a in alive.values()}
     from ray.util.state import list_actors
 
     return {a["actor_id"]: a["class_name"]
@@ -47,16 +55,26 @@ def train_worker_pids() -> list[int]:
         ("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE"), ("job_id", "=", _job())])]
 
 
-def left_behind(before: dict[str, str], wait_s: float = 10.0) -> tuple[list[str], list[dict]]:
+def left_behind(before: dict[str, str], wait_s: float = 10.0, from_gcs: bool = False) -> tuple[list[str], list[dict]]:
     """(actors alive now that were not in `before`, placement groups of this job not removed), once both are
-    empty or after `wait_s` (actors report their death to the GCS shortly after they exit)."""
-    from ray.util.state import list_placement_groups
-
+    empty or after `wait_s` (actors report their death to the GCS shortly after they exit). `from_gcs`: as in
+    `alive_actors`; the control store's placement-group table names no job, so there every placement group of
+    the cluster counts (for a cluster with one driver)."""
     deadline = time.time() + wait_s
     while True:
-        left = [name for actor, name in alive_actors().items() if actor not in before and name not in RAY_DATA_SERVICES]
-        groups = [g for g in list_placement_groups(address=_address(),
-                                                              filters=[("creator_job_id", "=", _job())]) if g["state"] != "REMOVED"]
+        left = [name for actor, name in alive_actors(from_gcs).items()
+                if actor not in before and name not in RAY_DATA_SERVICES]
+        groups = [g for g in _placement_groups(from_gcs) if g["state"] != "REMOVED"]
         if not (left or groups) or time.time() > deadline:
             return left, groups
         time.sleep(0.5)
+
+
+def _placement_groups(from_gcs: bool) -> list[dict]:
+    if from_gcs:
+        from ray.util import placement_group_table
+
+        return list(placement_group_table().values())
+    from ray.util.state import list_placement_groups
+
+    return list_placement_groups(address=_address(), filters=[("creator_job_id", "=", _job())])

@@ -13,9 +13,11 @@ PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 WORKER_STARTUP = "RAY_worker_maximum_startup_concurrency"  # read by the raylet this process starts
 
 
-def ensure_ray() -> None:
+def ensure_ray(include_dashboard: bool | None = None) -> None:
     """Join the cluster of $RAY_ADDRESS (e.g. inside `ray job submit`), else start a local one
-    (RAY_ADDRESS=local starts one even where `ray start` left a cluster running)."""
+    (RAY_ADDRESS=local starts one even where `ray start` left a cluster running). `include_dashboard`: whether a
+    local cluster starts Ray's dashboard (None: Ray's default, on where its dependencies are installed); a
+    cluster without one saves its processes' CPU but answers no state API (`ray list actors`)."""
     import ray
 
     if not ray.is_initialized():
@@ -45,7 +47,8 @@ def ensure_ray() -> None:
         runtime_env: dict[str, Any] = {"env_vars": env}
         if "worker_process_setup_hook" not in job_runtime_env():
             runtime_env["worker_process_setup_hook"] = SETUP_HOOK
-        ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level=logging.WARNING, runtime_env=runtime_env)
+        ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level=logging.WARNING, runtime_env=runtime_env,
+                 include_dashboard=include_dashboard)
     quiet.quiet_this_process()
 
 

@@ -63,13 +63,13 @@ class CleanCycle:
     Each pass's order is seeded by (seed, epoch, pass), so a resumed run draws the same clean batches. A clean
     set of at most `in_memory_bytes` once decoded (`set_bytes`: digits, CIFAR's few thousand clean images) is
     read once, sorted by id and held on the device, and each pass is a seeded permutation of it: a small clean
-    set is gone through every few steps, and opening a Ray Data iterator for each pass costs ~45 ms of CPU, more
-    than a hundred clean batches of digits from memory. A larger one (Clothing1M's 47k images) streams from Ray
+    set is gone through every few steps, and opening a Ray Data iterator for each pass costs ~20 ms of the
+    worker's CPU (~45 ms with Ray Data's other processes), hundreds of clean batches of digits from memory. A larger one (Clothing1M's 47k images) streams from Ray
     Data every pass through a local shuffle buffer.
     """
 
     def __init__(self, shard, batch_size: int, device: torch.device, norm: Normaliser, num_rows: int, seed: int,
-                 augment: str = "none", set_bytes: int = 0, in_memory_bytes: int = CLEAN_IN_MEMORY_BYTES):
+                 augment: str = "none", *, set_bytes: int, in_memory_bytes: int = CLEAN_IN_MEMORY_BYTES):
         self.shard, self.batch_size, self.device, self.norm, self.augment = shard, batch_size, device, norm, augment
         self.drop_last = num_rows >= batch_size
         self.seed = seed

@@ -76,8 +76,11 @@ def workers_config(method: str, data: Path, workdir: Path, tracking_uri: str):
 
     from metacorrect.config import ExperimentConfig
 
+    # No system metrics: their monitor makes each run's first worker import MLflow (~1 core-second); the runs
+    # that check them are test_mlflow_inputs.py's.
     common = [f"data.path={data}", f"train.epochs={WORKERS_EPOCHS}", "model.width=16", f"tracking.uri={tracking_uri}",
-              f"tracking.storage_path={workdir / 'runs'}", "tracking.experiment=tests-workers"]
+              f"tracking.storage_path={workdir / 'runs'}", "tracking.experiment=tests-workers",
+              "tracking.system_metrics=false"]
     return ExperimentConfig.from_yaml(config_file(method), method_overrides(method, common))
 
 
@@ -143,11 +146,11 @@ def _two_worker_runs(out_dir: Path, workdir: Path, tracking_uri: str) -> None:
                 save(out_dir, key, train(workdir, tracking_uri, key))
                 trained.append(key)
 
-    before = alive_actors(from_gcs=True)  # this cluster has no dashboard (`main`), so no state API
+    before = alive_actors()
     with ThreadPoolExecutor(max_workers=2) as pool:
         for future in [pool.submit(work) for _ in range(2)]:
             future.result()
-    save(out_dir, LEFT_BEHIND, (*left_behind(before, from_gcs=True), len(trained)))
+    save(out_dir, LEFT_BEHIND, (*left_behind(before), len(trained)))
 
 
 def _lower_priority() -> None:
@@ -174,8 +177,7 @@ def main(out: str, workdir: str, tracking_uri: str, kinds: str) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     _lower_priority()  # before Ray starts: its processes inherit it
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(WORKER_GROUP_START_TIMEOUT_S))
-    # RAY_ADDRESS=local: a cluster of this process's own. No dashboard: nothing reads it, and on a box twice as slow
-    # its processes took ~28 core-seconds of the suite's CPU (docs/benchmarks.md).
+    # RAY_ADDRESS=local: a cluster of this process's own. No dashboard, as the session's (conftest's `ray_cluster`).
     ensure_ray(include_dashboard=False)
     # Whatever in this process looks for a cluster by RAY_ADDRESS finds this one ("local" would start another).
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address

@@ -70,8 +70,10 @@ def ray_cluster():
     from metacorrect.platform import quiet, workers
 
     if not ray.is_initialized():
-        # address="local": a cluster of its own even where `ray start` left one running on this machine
-        ray.init(address="local", num_cpus=2, include_dashboard=True, logging_level="ERROR",
+        # address="local": a cluster of its own even where `ray start` left one running on this machine. No
+        # dashboard: its head processes cost CPU every second the cluster lives (on a box twice as slow, twice
+        # over), and the suite reads what runs leave behind from the GCS (tests/ray_state.py).
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR",
                  runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
                                            "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
                                            quiet.ENV: quiet.ray_data_console_config()},

@@ -1,6 +1,12 @@
-"""What Ray's State API says this test process (its Ray job) has left running: after `metacorrect.run()`
-returns, no actor and no placement group of that run may remain. Other drivers on the session's cluster
-(subprocesses the tests start, tests/background_runs.py) are other jobs and are not counted."""
+"""What this test process (its Ray job) has left running, read from the cluster's control store (the GCS): after
+`metacorrect.run()` returns, no actor and no placement group of that run may remain. Other drivers on the same
+cluster (subprocesses the tests start) are other jobs and are not counted.
+
+The suite's clusters run without Ray's dashboard (conftest, tests/background_runs.py): its head processes cost
+CPU for every second a cluster lives, and nothing in the suite but these checks would read it. Ray's state API
+(`ray.util.state`) is served by the dashboard, so these helpers read the GCS tables directly, as Ray's own
+`ray._private.state` does (a helper Ray documents for debugging; the placement-group table is parsed here for
+the creating job, which Ray's parsed view leaves out)."""
 from __future__ import annotations
 
 import time
@@ -9,72 +15,53 @@ import time
 RAY_DATA_SERVICES = {"_StatsActor", "_AutoscalingCoordinatorActor"}
 
 
-def _job() -> str:
+def _job():
     import ray
 
-    return ray.get_runtime_context().get_job_id()
+    return ray.JobID.from_hex(ray.get_runtime_context().get_job_id())
 
 
-def _address() -> str:
-    """The connected cluster's address: without one, the state API looks for clusters on the machine and fails
-    when it finds several (other test sessions' or `ray start`'s)."""
-    import ray
+def _actors(state_name: str | None = None) -> list[dict]:
+    """This job's actors (all, or those in `state_name`), as Ray's `state.actors` describes them."""
+    from ray._private import state
 
-    return ray.get_runtime_context().gcs_address
+    return list(state.actors(job_id=_job(), actor_state_name=state_name).values())
 
 
-def alive_actors(from_gcs: bool = False) -> dict[str, str]:
-    """actor id -> class name of this job's alive actors. `from_gcs`: read Ray's control store directly, for a
-    cluster started without a dashboard (the state API is the dashboard's); Ray offers that read only as a
-    debugging helper, so the suite's own cluster keeps the state API."""
-    if from_gcs:
-        import ray
-        from ray._private import state
-
-        alive = state.actors(job_id=ray.JobID.from_hex(_job()), actor_state_name="ALIVE")
-        return {a["ActorID"]: a["ActorClassName"] for a in alive.values()}
-    from ray.util.state import list_actors
-
-    return {a["actor_id"]: a["class_name"]
-            for a in list_actors(address=_address(), filters=[("state", "=", "ALIVE"), ("job_id", "=", _job())])}
+def alive_actors() -> dict[str, str]:
+    """actor id -> class name of this job's alive actors."""
+    return {a["ActorID"]: a["ActorClassName"] for a in _actors("ALIVE")}
 
 
 def actors_started(class_name: str) -> int:
     """How many actors of `class_name` this job has started, alive or not."""
-    from ray.util.state import list_actors
-
-    return len(list_actors(address=_address(), filters=[("class_name", "=", class_name), ("job_id", "=", _job())],
-                           limit=10000))
+    return sum(a["ActorClassName"] == class_name for a in _actors())
 
 
 def train_worker_pids() -> list[int]:
     """Pids of this job's alive Ray Train workers (a test kills one by pid)."""
-    from ray.util.state import list_actors
-
-    return [a["pid"] for a in list_actors(address=_address(), filters=[
-        ("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE"), ("job_id", "=", _job())])]
+    return [a["Pid"] for a in _actors("ALIVE") if a["ActorClassName"] == "RayTrainWorker" and a["Pid"]]
 
 
-def left_behind(before: dict[str, str], wait_s: float = 10.0, from_gcs: bool = False) -> tuple[list[str], list[dict]]:
-    """(actors alive now that were not in `before`, placement groups of this job not removed), once both are
-    empty or after `wait_s` (actors report their death to the GCS shortly after they exit). `from_gcs`: as in
-    `alive_actors`; the control store's placement-group table names no job, so there every placement group of
-    the cluster counts (for a cluster with one driver)."""
+def left_behind(before: dict[str, str], wait_s: float = 10.0) -> tuple[list[str], list[str]]:
+    """(actors alive now that were not in `before`, states of this job's placement groups not removed), once
+    both are empty or after `wait_s` (actors report their death to the GCS shortly after they exit)."""
     deadline = time.time() + wait_s
     while True:
-        left = [name for actor, name in alive_actors(from_gcs).items()
+        left = [name for actor, name in alive_actors().items()
                 if actor not in before and name not in RAY_DATA_SERVICES]
-        groups = [g for g in _placement_groups(from_gcs) if g["state"] != "REMOVED"]
+        groups = [s for s in _placement_group_states() if s != "REMOVED"]
         if not (left or groups) or time.time() > deadline:
             return left, groups
         time.sleep(0.5)
 
 
-def _placement_groups(from_gcs: bool) -> list[dict]:
-    if from_gcs:
-        from ray.util import placement_group_table
+def _placement_group_states() -> list[str]:
+    """The state of each placement group this job created."""
+    from ray._private import state
+    from ray.core.generated import gcs_pb2
 
-        return list(placement_group_table().values())
-    from ray.util.state import list_placement_groups
-
-    return list_placement_groups(address=_address(), filters=[("creator_job_id", "=", _job())])
+    table = gcs_pb2.PlacementGroupTableData
+    job = _job().binary()
+    groups = (table.FromString(raw) for raw in state.state._connect_and_get_accessor().get_placement_group_table())
+    return [table.PlacementGroupState.Name(g.state) for g in groups if g.creator_job_id == job]

@@ -22,9 +22,9 @@ def clean_set(order: np.ndarray, blocks: int = 4, preserve_order: bool = False):
     return ds
 
 
-def cycle(ds, batch_size: int = 8, seed: int = 0, in_memory: bool = True) -> CleanCycle:
+def cycle(ds, batch_size: int = 8, seed: int = 0, in_memory: bool = True, rank: int = 0, world: int = 1) -> CleanCycle:
     norm = Normaliser(torch.zeros(1), torch.ones(1))
-    return CleanCycle(ds.iterator(), batch_size, CPU, norm, ROWS, seed, set_bytes=ROWS * 36,
+    return CleanCycle(ds.iterator(), batch_size, CPU, norm, ROWS, seed, set_bytes=ROWS * 36, rank=rank, world=world,
                       in_memory_bytes=2**20 if in_memory else 0)
 
 
@@ -58,6 +58,27 @@ def test_the_same_seed_draws_the_same_batches_whatever_order_the_blocks_came_in(
     shuffled = clean_set(np.random.default_rng(1).permutation(ROWS), blocks=3)
     assert ids(cycle(in_order, seed=5), 20) == ids(cycle(shuffled, seed=5), 20)
     assert ids(cycle(in_order, seed=5), 20) != ids(cycle(in_order, seed=6), 20)
+
+
+@pytest.mark.parametrize("batch_size", [8, 64], ids=["batches", "smaller_than_a_batch"])
+def test_two_workers_draw_together_the_clean_batches_one_worker_draws(in_order, batch_size):
+    """In memory every worker draws the same global batch and takes its part: the two parts of each step are,
+    row for row, one worker's batch of the same seed (no row twice in a step), through passes and epochs."""
+    one = cycle(in_order, batch_size=batch_size, seed=3)
+    two = [cycle(in_order, batch_size=batch_size // 2, seed=3, rank=r, world=2) for r in range(2)]
+    for epoch in range(2):
+        for c in (one, *two):
+            c.start_epoch(epoch)
+        for _ in range(8):  # more than a pass: 6 global batches of 8 rows make one
+            together = [i for c in two for i in next(c).ids.tolist()]
+            assert together == next(one).ids.tolist()
+    assert two[0].position() == two[1].position() == one.position()
+
+
+def test_streamed_workers_draw_orders_of_their_own(deterministic):
+    """A streamed clean set: each worker shuffles its own stream (its blocks may come in another order)."""
+    assert ids(cycle(deterministic, in_memory=False, rank=0, world=2), 6) != \
+        ids(cycle(deterministic, in_memory=False, rank=1, world=2), 6)
 
 
 def test_a_new_epoch_starts_a_new_order_that_a_resumed_run_repeats(in_order):

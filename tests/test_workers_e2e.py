@@ -18,19 +18,19 @@ pytestmark = pytest.mark.slow
 EPOCHS = WORKERS_EPOCHS
 # Bounds on |two workers - one worker| of each method's final test accuracy, corrected labels' accuracy and mean
 # weights of clean / corrupted samples: twice the largest difference that benchmarks/workers_agreement.py
-# measured at these settings in any of its runs (3 seeds, three times; MSLG and L2RW also 5 seeds) between two
-# one-worker runs of different seeds or between a two-worker run and its one-worker run, at least 0.05
-# (docs/benchmarks.md, "Two workers and one"). Four epochs are early in training for the slow learners (IEG is at
-# 0.3-0.65), whose bounds are correspondingly wide.
+# measured at these settings (2026-12-07: every method over 3 seeds; MLC, MSLG, IEG, MW-Net and L2RW also over 5)
+# between two one-worker runs of different seeds or between a two-worker run and its one-worker run, at least
+# 0.05 (docs/benchmarks.md, "Two workers and one"). Four epochs are early in training for the slow learners (IEG's
+# test accuracy differs by up to 0.32 between seeds), whose bounds are correspondingly wide.
 BOUNDS = {
     "erm": {"test_accuracy": 0.08}, "clean_only": {"test_accuracy": 0.05},
-    "mlc": {"test_accuracy": 0.32, "corrected_accuracy": 0.30},
-    "emlc": {"test_accuracy": 0.21, "corrected_accuracy": 0.12},
-    "mslg": {"test_accuracy": 0.21, "corrected_accuracy": 0.21},
+    "mlc": {"test_accuracy": 0.34, "corrected_accuracy": 0.25},
+    "emlc": {"test_accuracy": 0.14, "corrected_accuracy": 0.10},
+    "mslg": {"test_accuracy": 0.16, "corrected_accuracy": 0.14},
     "soft_labels": {"test_accuracy": 0.22, "corrected_accuracy": 0.07},
-    "ieg": {"test_accuracy": 0.70, "weight_mean_clean": 0.79, "weight_mean_corrupted": 0.52},
-    "mwnet": {"test_accuracy": 0.18, "weight_mean_clean": 0.10, "weight_mean_corrupted": 0.12},
-    "l2rw": {"test_accuracy": 0.27, "weight_mean_clean": 0.39, "weight_mean_corrupted": 0.26},
+    "ieg": {"test_accuracy": 0.63, "weight_mean_clean": 0.57, "weight_mean_corrupted": 0.38},
+    "mwnet": {"test_accuracy": 0.35, "weight_mean_clean": 0.07, "weight_mean_corrupted": 0.05},
+    "l2rw": {"test_accuracy": 0.27, "weight_mean_clean": 0.18, "weight_mean_corrupted": 0.12},
 }
 NOISY_ROWS = 1138
 

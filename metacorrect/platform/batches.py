@@ -64,16 +64,22 @@ class CleanCycle:
     set of at most `in_memory_bytes` once decoded (`set_bytes`: digits, CIFAR's few thousand clean images) is
     read once, sorted by id and held on the device, and each pass is a seeded permutation of it: a small clean
     set is gone through every few steps, and opening a Ray Data iterator for each pass costs ~20 ms of the
-    worker's CPU (~45 ms with Ray Data's other processes), hundreds of clean batches of digits from memory. A larger one (Clothing1M's 47k images) streams from Ray
-    Data every pass through a local shuffle buffer.
+    worker's CPU (~45 ms with Ray Data's other processes), hundreds of clean batches of digits from memory.
+    There every worker draws the same global batch of `batch_size * world` rows and takes its own part of it
+    (`rank`), so the workers' clean batches together are, row for row, the batch one worker would draw with the
+    same seed: no row twice in a step, each pass over the set once, whatever the number of workers.
+    A larger clean set (Clothing1M's 47k images) streams from Ray Data every pass through a local shuffle
+    buffer, each worker in an order of its own (its blocks may arrive in another order than the others').
     """
 
     def __init__(self, shard, batch_size: int, device: torch.device, norm: Normaliser, num_rows: int, seed: int,
-                 augment: str = "none", *, set_bytes: int, in_memory_bytes: int = CLEAN_IN_MEMORY_BYTES):
+                 augment: str = "none", *, set_bytes: int, rank: int = 0, world: int = 1,
+                 in_memory_bytes: int = CLEAN_IN_MEMORY_BYTES):
         self.shard, self.batch_size, self.device, self.norm, self.augment = shard, batch_size, device, norm, augment
-        self.drop_last = num_rows >= batch_size
-        self.seed = seed
+        self.seed, self.rank, self.world = seed, rank, world
         self.rows = _read_sorted(shard, device) if set_bytes <= in_memory_bytes else None
+        # in memory the passes are over global batches; streamed, over this worker's own
+        self.drop_last = num_rows >= batch_size * (world if self.rows is not None else 1)
         self.start_epoch(0)
 
     def start_epoch(self, epoch: int) -> None:
@@ -108,10 +114,11 @@ class CleanCycle:
     def _open(self) -> None:
         # A seed of its own for each (run's seed, epoch, pass): at scale an epoch holds thousands of passes over
         # a small clean set, and none of them may repeat the order of a pass in another epoch.
-        seed = int(np.random.SeedSequence([self.seed, self.epoch, self.passes]).generate_state(1)[0])
+        entropy = [self.seed, self.epoch, self.passes]
         if self.rows is not None:
-            self._it = self._permuted(seed)
+            self._it = self._permuted(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
         else:
+            seed = int(np.random.SeedSequence(entropy + [self.rank]).generate_state(1)[0])
             self._it = iter(iterate(self.shard, self.batch_size, self.device, shuffle_buffer=4096, seed=seed,
                                     drop_last=self.drop_last))
         self.passes += 1
@@ -119,12 +126,17 @@ class CleanCycle:
 
     def _permuted(self, seed: int) -> Iterator[dict[str, Tensor]]:
         """One pass over the in-memory rows in the order of a permutation seeded by `seed` (its own generator,
-        on the CPU, so the order is the same on every device and leaves the global generators alone)."""
+        on the CPU, so the order is the same on every device and every worker and leaves the global generators
+        alone), in global batches of which this worker yields its part: the rows split as evenly as they go
+        (a global batch of fewer rows than workers, from a tiny clean set, goes whole to each)."""
         n = len(self.rows.get("id", ()))
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(self.device)
-        end = n - n % self.batch_size if self.drop_last else n
-        for lo in range(0, end, self.batch_size):
-            take = order[lo:lo + self.batch_size]
+        size = self.batch_size * self.world
+        end = n - n % size if self.drop_last else n
+        for lo in range(0, end, size):
+            take = order[lo:lo + size]
+            if len(take) >= self.world:
+                take = torch.tensor_split(take, self.world)[self.rank]
             yield {k: v[take] for k, v in self.rows.items()}
 
     def __next__(self) -> Batch:

@@ -117,8 +117,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     local_bs = train.batch_size // world
     clean = CleanCycle(shard("clean"), train.clean_batch_size // world, device, norm, meta.counts["clean_train"],
-                       seed=seed * 7919 + rank * 104729, augment=cfg.data.augment,
-                       set_bytes=decoded_bytes(meta, "clean_train"))
+                       seed=seed * 7919, augment=cfg.data.augment, set_bytes=decoded_bytes(meta, "clean_train"),
+                       rank=rank, world=world)
     noisy_shard = shard("noisy")
     template = empty_rows(meta, device)
     trace = _IdTrace(train.trace_ids_dir, rank)

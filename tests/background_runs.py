@@ -177,7 +177,9 @@ def main(out: str, workdir: str, tracking_uri: str, kinds: str) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     _lower_priority()  # before Ray starts: its processes inherit it
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(WORKER_GROUP_START_TIMEOUT_S))
-    # RAY_ADDRESS=local: a cluster of this process's own. No dashboard, as the session's (conftest's `ray_cluster`).
+    # RAY_ADDRESS=local: a cluster of this process's own. No dashboard: nothing here needs it (no sweep: the
+    # session's cluster keeps it for Ray Train's placement-group cleaner, conftest's `ray_cluster`), and on a box
+    # twice as slow its processes took ~28 core-seconds of the suite's CPU (docs/benchmarks.md).
     ensure_ray(include_dashboard=False)
     # Whatever in this process looks for a cluster by RAY_ADDRESS finds this one ("local" would start another).
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address

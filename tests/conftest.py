@@ -70,10 +70,11 @@ def ray_cluster():
     from metacorrect.platform import quiet, workers
 
     if not ray.is_initialized():
-        # address="local": a cluster of its own even where `ray start` left one running on this machine. No
-        # dashboard: its head processes cost CPU every second the cluster lives (on a box twice as slow, twice
-        # over), and the suite reads what runs leave behind from the GCS (tests/ray_state.py).
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR",
+        # address="local": a cluster of its own even where `ray start` left one running on this machine. With the
+        # dashboard: Ray Train's placement-group cleaner asks the state API, which the dashboard serves, whether
+        # a run's controller is alive, and without it the workers' resources of a trial that ASHA stopped stay
+        # reserved and the next run on the cluster waits forever (test_sweep.py's ASHA sweep did).
+        ray.init(address="local", num_cpus=2, include_dashboard=True, logging_level="ERROR",
                  runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
                                            "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
                                            quiet.ENV: quiet.ray_data_console_config()},

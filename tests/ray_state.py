@@ -2,11 +2,10 @@
 `metacorrect.run()` returns, no actor and no placement group of that run may remain. Other drivers on the same
 cluster (subprocesses the tests start) are other jobs and are not counted.
 
-The suite's clusters run without Ray's dashboard (conftest, tests/background_runs.py): its head processes cost
-CPU for every second a cluster lives, and nothing in the suite but these checks would read it. Ray's state API
-(`ray.util.state`) is served by the dashboard, so these helpers read the GCS tables directly, as Ray's own
-`ray._private.state` does (a helper Ray documents for debugging; the placement-group table is parsed here for
-the creating job, which Ray's parsed view leaves out)."""
+The background's cluster runs without Ray's dashboard (tests/background_runs.py: its head processes cost CPU for
+every second a cluster lives), and Ray's state API (`ray.util.state`) is served by the dashboard, so these helpers
+read the GCS tables directly, on any cluster, as Ray's own `ray._private.state` does (a helper Ray documents for
+debugging; the placement-group table is parsed here for the creating job, which Ray's parsed view leaves out)."""
 from __future__ import annotations
 
 import time

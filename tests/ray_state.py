@@ -14,7 +14,7 @@ import time
 RAY_DATA_SERVICES = {"_StatsActor", "_AutoscalingCoordinatorActor"}
 
 
-def _job():
+def _job() -> "ray.JobID":
     import ray
 
     return ray.JobID.from_hex(ray.get_runtime_context().get_job_id())

@@ -69,7 +69,7 @@ def test_two_workers_draw_together_the_clean_batches_one_worker_draws(in_order, 
     for epoch in range(2):
         for c in (one, *two):
             c.start_epoch(epoch)
-        for _ in range(8):  # more than a pass: 6 global batches of 8 rows make one
+        for _ in range(8):  # more than a pass: at batch 8, 6 global batches make one; at 64, one (the whole set)
             together = [i for c in two for i in next(c).ids.tolist()]
             assert together == next(one).ids.tolist()
     assert two[0].position() == two[1].position() == one.position()

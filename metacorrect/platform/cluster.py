@@ -17,7 +17,9 @@ def ensure_ray(include_dashboard: bool | None = None) -> None:
     """Join the cluster of $RAY_ADDRESS (e.g. inside `ray job submit`), else start a local one
     (RAY_ADDRESS=local starts one even where `ray start` left a cluster running). `include_dashboard`: whether a
     local cluster starts Ray's dashboard (None: Ray's default, on where its dependencies are installed); a
-    cluster without one saves its processes' CPU but answers no state API (`ray list actors`)."""
+    cluster without one saves its processes' CPU but answers no state API (`ray list actors`), which Ray Train's
+    placement-group cleaner needs to free the resources of a run whose controller was killed (a trial ASHA
+    stopped): keep it for sweeps."""
     import ray
 
     if not ray.is_initialized():

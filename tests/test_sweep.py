@@ -150,6 +150,37 @@ def test_trials_are_planned_to_fit_the_cluster_and_leave_ray_data_a_cpu(resource
 
 
 @pytest.mark.slow
+def test_an_asha_sweep_on_ray_train_is_refused_on_a_cluster_without_the_dashboard(digits_noisy, tmp_path):
+    """A real cluster started without the dashboard (in a process of its own: this one may hold the session's):
+    ASHA's stopped trials could never give their Ray Train workers back there, so `metacorrect sweep` refuses
+    with one line and exit status 2 before any run or trial starts. (On a cluster with the dashboard the ASHA sweep
+    below runs.)"""
+    import subprocess
+    import sys
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sets = [f"data.path={digits_noisy}", f"tracking.uri={uri}", f"tracking.storage_path={tmp_path / 'sweeps'}"]
+    script = f"""
+import sys
+import ray
+from metacorrect import cli
+ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level="ERROR")
+sets = {sets!r}
+args = ["sweep", "configs/digits_mlc.yaml", "--num-samples", "2", "--set", "resources.num_workers=1",
+        *[a for s in sets for a in ("--set", s)]]
+print("exit status", cli.main(args), file=sys.stderr, flush=True)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=300)
+    lines = [x for x in proc.stderr.splitlines() if x.startswith(("error:", "exit status"))]
+    assert proc.returncode == 0 and len(lines) == 2, proc.stderr[-3000:]
+    assert lines[0].startswith("error: scheduler: 'asha' stops trials early, and this Ray cluster answers no state "
+                               "API") and "--scheduler fifo" in lines[0], lines
+    assert lines[1] == "exit status 2", lines
+    assert not (tmp_path / "sweeps").exists() and not (tmp_path / "mlflow.db").exists(), "nothing was started"
+
+
+@pytest.mark.slow
 def test_an_asha_sweep_stops_the_worse_trial_and_tracks_nested_runs_and_the_best_config(
         ray_cluster, digits_noisy, workdir, tracking_uri, tmp_path):
     """Two Ray Train trials, one after the other: a learning rate that trains, then one that cannot (1e-6), which

@@ -19,7 +19,7 @@ def ensure_ray(include_dashboard: bool | None = None) -> None:
     local cluster starts Ray's dashboard (None: Ray's default, on where its dependencies are installed); a
     cluster without one saves its processes' CPU but answers no state API (`ray list actors`), which Ray Train's
     placement-group cleaner needs to free the resources of a run whose controller was killed (a trial ASHA
-    stopped): keep it for sweeps."""
+    stopped): keep it for sweeps (`sweep` refuses an ASHA sweep of Ray Train trials without it)."""
     import ray
 
     if not ray.is_initialized():
@@ -52,6 +52,27 @@ def ensure_ray(include_dashboard: bool | None = None) -> None:
         ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level=logging.WARNING, runtime_env=runtime_env,
                  include_dashboard=include_dashboard)
     quiet.quiet_this_process()
+
+
+def state_api_answers(timeout_s: float = 5.0, retries: int = 2) -> bool:
+    """Whether the cluster this driver joined answers Ray's state API (`ray list nodes`), which its dashboard
+    serves: a cluster started with `--include-dashboard=false` does not. Ray must be up. Asked again after 1 and
+    2 s, in case a dashboard that was just started is not listening yet (a cluster without one says so at once)."""
+    import time
+
+    import ray
+    from ray.util.state import list_nodes
+    from ray.util.state.exception import RayStateApiException
+
+    for attempt in range(retries + 1):
+        try:  # the address: this cluster's, not whichever "auto" finds on a machine running several
+            list_nodes(address=ray.get_runtime_context().gcs_address, limit=1, timeout=timeout_s,
+                       raise_on_missing_output=False)
+            return True
+        except RayStateApiException:
+            if attempt < retries:
+                time.sleep(attempt + 1)
+    return False
 
 
 def job_runtime_env() -> dict[str, Any]:

@@ -138,6 +138,7 @@ def sweep(config: ExperimentConfig | str | Path | dict[str, Any] | None = None,
 
     data_dir, meta = ensure_trainable_dataset(base.data, progress)
     ensure_ray()
+    _refuse_a_stall(options, base)
     uri = tracking.resolve_tracking_uri(base.tracking.uri)
     concurrency, trial_cfg = kept_trial_plan(base, options, _count_trials(searched_space, num_samples), sweep_dir,
                                                 resume)
@@ -163,6 +164,21 @@ def sweep(config: ExperimentConfig | str | Path | dict[str, Any] | None = None,
         result = _collect(grid, base, searched_space, options, name, sweep_dir, data_dir, uri, parent_id, started)
     _log_parent_end(result, searched_space, base)
     return result
+
+
+def _refuse_a_stall(options: SweepOptions, base: ExperimentConfig) -> None:
+    """ASHA stops trials early; a stopped trial's Ray Train workers give their CPUs and GPUs back through Ray
+    Train's placement-group cleaner, which asks the cluster's state API whether the trial's controller still lives.
+    Where nothing answers it (a cluster started without the dashboard) they are never given back, and the sweep
+    stalls, silently, once the stopped trials hold the cluster: refused here, before any run or trial starts."""
+    from metacorrect.platform.cluster import state_api_answers
+
+    if options.scheduler == "asha" and base.resources.num_workers > 0 and not state_api_answers():
+        raise ConfigError("scheduler: 'asha' stops trials early, and this Ray cluster answers no state API (it was "
+                          "started without the dashboard), so a stopped trial's Ray Train workers would never give "
+                          "their resources back and the sweep would stall: start the cluster with the dashboard "
+                          "(Ray's default), use --scheduler fifo, or run each trial's loop in its Tune trial "
+                          "(--set resources.num_workers=0)")
 
 
 def _parent_description(cfg: ExperimentConfig, meta, space: dict[str, Any], options: SweepOptions) -> str:

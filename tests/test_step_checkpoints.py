@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from procs import start_and_signal
+from ray_state import alive_actors, left_behind
 from run_dirs import committed, mid_epoch_committed
 
 pytestmark = pytest.mark.slow
@@ -46,15 +47,17 @@ def _attempts(trace_dir: Path) -> list[list[dict]]:
     return [attempts[k] for k in sorted(attempts)]
 
 
-def _ids_of_interrupted_epoch(trace_dir: Path) -> tuple[int, int, list[int]]:
-    """(epoch, step resumed after, the ids that epoch trained on: the first attempt's up to the step the
-    second resumed from, then the second's)."""
-    first, second = _attempts(trace_dir)
-    resumed_after = min(line["step"] for line in second) - 1
-    epoch = min(line["epoch"] for line in second)
-    ids = [i for line in first if line["epoch"] == epoch and line["step"] <= resumed_after for i in line["ids"]]
-    ids += [i for line in second if line["epoch"] == epoch for i in line["ids"]]
-    return epoch, resumed_after, ids
+def _ids_by_epoch(trace_dir: Path) -> tuple[list[int], dict[int, list[int]]]:
+    """(the step each later attempt resumed after, the ids each epoch trained on: every attempt's lines up to the
+    step the next one resumed from)."""
+    attempts = _attempts(trace_dir)
+    resumed = [min(line["step"] for line in a) - 1 for a in attempts[1:]]
+    ids: dict[int, list[int]] = {}
+    for attempt, until in zip(attempts, resumed + [None]):
+        for line in attempt:
+            if until is None or line["step"] <= until:
+                ids.setdefault(line["epoch"], []).extend(line["ids"])
+    return resumed, ids
 
 
 def _step_history(uri: str, run_id: str, key: str) -> list[int]:
@@ -70,19 +73,6 @@ def _common(data: Path, tmp_path: Path) -> list[str]:
             "tracking.experiment=step-checkpoints", "method.warmup_epochs=1", "method.label_lr=20000"]
 
 
-def _ids_by_epoch(trace_dir: Path) -> tuple[list[int], dict[int, list[int]]]:
-    """(the step each later attempt resumed after, the ids each epoch trained on: every attempt's lines up to the
-    step the next one resumed from)."""
-    attempts = _attempts(trace_dir)
-    resumed = [min(line["step"] for line in a) - 1 for a in attempts[1:]]
-    ids: dict[int, list[int]] = {}
-    for attempt, until in zip(attempts, resumed + [None]):
-        for line in attempt:
-            if until is None or line["step"] <= until:
-                ids.setdefault(line["epoch"], []).extend(line["ids"])
-    return resumed, ids
-
-
 def test_a_driver_killed_then_stopped_mid_epoch_resumes_each_time_each_id_once_and_ends_as_an_uninterrupted_run(
         ray_cluster, digits_noisy, tmp_path):
     """One run through both ways a driver on Ray Train ends: SIGKILL, as on a crash, the moment a new checkpoint is
@@ -95,7 +85,6 @@ def test_a_driver_killed_then_stopped_mid_epoch_resumes_each_time_each_id_once_a
 
     from metacorrect.config import ExperimentConfig
     from metacorrect.platform.trainer import run
-    from ray_state import alive_actors, left_behind
 
     trace = tmp_path / "trace"
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
@@ -174,10 +163,12 @@ def test_a_worker_killed_mid_epoch_is_retried_inside_it_each_id_once(erm_two_wor
     from conftest import KILLED_CHECKPOINT_EVERY, KILLED_LOG_EVERY, KILLED_STEPS_PER_EPOCH
 
     result, run_dir, trace, _, _ = erm_two_workers_one_killed
-    epoch, resumed_after, ids = _ids_of_interrupted_epoch(trace)
+    (resumed_after,), ids = _ids_by_epoch(trace)
     assert resumed_after % KILLED_CHECKPOINT_EVERY == 0 and resumed_after % KILLED_STEPS_PER_EPOCH, \
-        f"resumed from a step checkpoint inside epoch {epoch + 1} (after global step {resumed_after})"
-    assert sorted(ids) == list(range(NOISY_ROWS)), "every noisy id of the interrupted epoch trained on exactly once"
+        f"the retry resumed from a step checkpoint inside an epoch (after global step {resumed_after})"
+    assert sorted(ids) == list(range(WORKERS_EPOCHS)) and all(sorted(v) == list(range(NOISY_ROWS))
+                                                             for v in ids.values()), \
+        "every noisy id of every epoch, the interrupted one too, trained on exactly once"
     assert [h["noisy_rows_seen"] for h in result.history] == [NOISY_ROWS] * WORKERS_EPOCHS
     assert [h["steps"] for h in result.history] == [KILLED_STEPS_PER_EPOCH] * WORKERS_EPOCHS, \
         "the interrupted epoch's steps, once"

@@ -251,13 +251,13 @@ def local_run_stopped_twice(ray_cluster, digits_noisy, tmp_path_factory) -> Stop
 
     from mlflow.tracking import MlflowClient
 
-    from procs import start_and_signal
+    from procs import set_args, start_and_signal
 
     out = tmp_path_factory.mktemp("local-stopped")
     uri = f"sqlite:///{out / 'mlruns.db'}"
     sets = ["resources.num_workers=0", "model.width=8", "train.epochs=6", f"data.path={digits_noisy}",
             f"tracking.uri={uri}", f"tracking.storage_path={out / 'runs'}", "tracking.run_name=local"]
-    args = ["run", "configs/digits_demo.yaml", *[a for s in sets for a in ("--set", s)]]
+    args = ["run", "configs/digits_demo.yaml", *set_args(sets)]
     env = {"RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
     run_dir = out / "runs" / "local"
 

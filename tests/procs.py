@@ -13,6 +13,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def set_args(values: list[str]) -> list[str]:
+    """`--set` before each FIELD=VALUE, as the CLI takes them."""
+    return [arg for v in values for arg in ("--set", v)]
+
+
 def kill_when(proc: subprocess.Popen, ready: Callable[[], bool], timeout: float) -> bool:
     """SIGKILL `proc` as soon as `ready()` holds; False if it exited first (or `ready` never held in time).
 
@@ -122,7 +127,7 @@ def run_own_cluster(args: list[str], sets: list[str]) -> str:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_TRAIN_") and k not in suite_only}
     env |= {"RAY_ADDRESS": "local", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-m", "metacorrect", "run", "configs/digits_demo.yaml", *args,
-                           *[a for s in sets for a in ("--set", s)]],
+                           *set_args(sets)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     output = re.sub(r"\x1b\[[0-9;]*m", "", proc.stdout + proc.stderr)  # Ray colours the worker prefixes
     assert proc.returncode == 0, output[-4000:]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 from pathlib import Path
 
 import pyarrow as pa
@@ -17,11 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from background_runs import WORKERS_EPOCHS as EPOCHS  # the killed-worker run is shared with test_workers_e2e
+from procs import set_args
 from run_dirs import committed
-
-
-def _sets(values: list[str]) -> list[str]:
-    return [arg for v in values for arg in ("--set", v)]
 
 
 def _client(uri: str):
@@ -177,7 +173,7 @@ def test_a_damaged_image_fails_the_run_once_with_one_line_and_is_not_retried(ray
     managers = actors_started("DatasetManager")
     # Not cached in the object store, so the shard is read inside the Ray Train workers.
     code, err = _cli_lines(capsys, [
-        "run", "configs/digits_demo.yaml", "--name", "damaged", *_sets([
+        "run", "configs/digits_demo.yaml", "--name", "damaged", *set_args([
             f"data.path={data}", f"tracking.uri={uri}", f"tracking.storage_path={tmp_path / 'runs'}",
             "data.cache_mb=0", "resources.num_workers=2", "resources.max_failures=2", "model.width=8"])])
     expected = f"{shard}: the image of id {bad_id} does not decode as raw 8x8x1"

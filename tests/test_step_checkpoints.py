@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from procs import start_and_signal
+from procs import set_args, start_and_signal
 from ray_state import alive_actors, left_behind
 from run_dirs import committed, mid_epoch_committed
 
@@ -29,10 +29,6 @@ BATCH = 16  # 72 steps an epoch
 EVERY = 10
 LOG_EVERY = 4
 EPOCHS = 3  # stopped inside the second; the third leaves the stop room to land before the run ends
-
-
-def _sets(values: list[str]) -> list[str]:
-    return [arg for v in values for arg in ("--set", v)]
 
 
 def _attempts(trace_dir: Path) -> list[list[dict]]:
@@ -91,7 +87,7 @@ def test_a_driver_killed_then_stopped_mid_epoch_resumes_each_time_each_id_once_a
     client = MlflowClient(uri)
     sets = _common(digits_noisy, tmp_path) + ["resources.num_workers=1", "resources.cpus_per_worker=1",
                                                f"train.trace_ids_dir={trace}"]
-    args = ["run", "configs/digits_mslg.yaml", "--name", "killed", *_sets(sets)]
+    args = ["run", "configs/digits_mslg.yaml", "--name", "killed", *set_args(sets)]
     run_dir = tmp_path / "runs" / "killed"
     log = tmp_path / "driver.log"
     env = {"RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}

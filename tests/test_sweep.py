@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from metacorrect.config import ConfigError, ExperimentConfig
-from procs import kill_cli_after_line
+from procs import kill_cli_after_line, set_args
 
 # A learning rate that trains (epoch-1 val 0.24-0.45 over seeds 0 and 1) and one that cannot (at most 0.1).
 ASHA_SPACE = {"optim.lr": {"grid": [0.05, 1e-6]}, "train.seed": {"choice": [0, 1]}}
@@ -160,14 +160,13 @@ def test_an_asha_sweep_on_ray_train_is_refused_on_a_cluster_without_the_dashboar
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     sets = [f"data.path={digits_noisy}", f"tracking.uri={uri}", f"tracking.storage_path={tmp_path / 'sweeps'}"]
+    args = ["sweep", "configs/digits_mlc.yaml", "--num-samples", "2", *set_args(["resources.num_workers=1", *sets])]
     script = f"""
 import sys
 import ray
 from metacorrect import cli
 ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level="ERROR")
-sets = {sets!r}
-args = ["sweep", "configs/digits_mlc.yaml", "--num-samples", "2", "--set", "resources.num_workers=1",
-        *[a for s in sets for a in ("--set", s)]]
+args = {args!r}
 print("exit status", cli.main(args), file=sys.stderr, flush=True)
 """
     proc = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1],

@@ -123,8 +123,8 @@ def test_a_truncated_shard_is_one_line_naming_it_before_anything_starts(digits_n
     data, shard = _copy(digits_noisy, tmp_path)
     os.truncate(shard, 1000)
     db = tmp_path / "mlruns.db"
-    args = ["run", "configs/digits_demo.yaml", "--set", f"data.path={data}", "--set", f"tracking.uri=sqlite:///{db}",
-            "--set", f"tracking.storage_path={tmp_path / 'runs'}"]
+    args = ["run", "configs/digits_demo.yaml", *set_args([f"data.path={data}", f"tracking.uri=sqlite:///{db}",
+                                                          f"tracking.storage_path={tmp_path / 'runs'}"])]
     code, err = _cli_lines(capsys, args)
     assert code == 2 and len(err) == 1, err
     assert err[0].startswith(f"error: {shard}: not a readable parquet shard (Parquet magic bytes not found"), err
@@ -140,9 +140,9 @@ def test_labels_out_of_range_and_bad_ids_are_named_by_file_and_row(digits_noisy,
     data, shard = _copy(digits_noisy, tmp_path)
     _rewrite(shard, "label", lambda v: v[:7] + [99] + v[8:])
     first_id = pq.read_table(shard, columns=["id"])["id"][7].as_py()
-    code, err = _cli_lines(capsys, ["run", "configs/digits_demo.yaml", "--set", f"data.path={data}",
-                                    "--set", f"tracking.uri=sqlite:///{tmp_path / 'mlruns.db'}",
-                                    "--set", f"tracking.storage_path={tmp_path / 'runs'}"])
+    code, err = _cli_lines(capsys, ["run", "configs/digits_demo.yaml", *set_args([
+        f"data.path={data}", f"tracking.uri=sqlite:///{tmp_path / 'mlruns.db'}",
+        f"tracking.storage_path={tmp_path / 'runs'}"])])
     assert code == 2 and err == [f"error: {shard}: row 7 (id {first_id}): label 99 outside [0, 10)"], err
 
     _rewrite(shard, "label", lambda v: v[:7] + [1] + v[8:])
